@@ -1,0 +1,4 @@
+"""CapsFus-LLaMA (HF LLaMA checkpoint) to GGUF, streaming and torch-free.
+
+Installed as ``capsfuse_lite.convert``.
+"""
