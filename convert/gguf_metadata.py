@@ -1,0 +1,117 @@
+"""Read a GGUF's key/value metadata and tensor table without loading the model.
+
+``read_gguf_metadata(path)`` returns ``{key: value}``; arrays are returned as :class:`GGUFArray`
+(item type and length) unless ``load_arrays`` is true, so reading ``capsfuse.*`` keys from a
+multi-gigabyte file costs a few milliseconds. ``read_gguf_tensors(path)`` lists the tensor infos.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capsfuse_lite.errors import ModelLoadError
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFArray:
+    item_type: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGUF order (ne0 first)
+    ggml_type: int
+    offset: int
+
+
+class _Cursor:
+    def __init__(self, buf: Any, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def unpack(self, fmt: str) -> Any:
+        try:
+            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error:
+            raise ModelLoadError(f"{self.path}: truncated GGUF header; the file is incomplete") from None
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.unpack("<Q")
+        if self.pos + length > len(self.buf):
+            raise ModelLoadError(f"{self.path}: truncated GGUF header; the file is incomplete")
+        raw = bytes(self.buf[self.pos:self.pos + length])
+        self.pos += length
+        return raw.decode("utf-8", "replace")
+
+    def value(self, vtype: int, load_arrays: bool) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item_type = self.unpack("<I")
+            length = self.unpack("<Q")
+            if load_arrays:
+                return [self.value(item_type, True) for _ in range(length)]
+            if item_type in _SCALARS:
+                self.pos += struct.calcsize(_SCALARS[item_type]) * length
+            else:
+                for _ in range(length):
+                    self.value(item_type, False)
+            return GGUFArray(item_type, length)
+        raise ModelLoadError(f"{self.path}: unknown GGUF value type {vtype}; the file is corrupt or too new")
+
+
+def _parse(path: Path, load_arrays: bool, want_tensors: bool) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
+    path = Path(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot open the GGUF file ({exc.strerror})") from None
+    with handle:
+        try:
+            buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise ModelLoadError(f"{path}: empty file, not a GGUF model") from None
+        with buf:
+            if buf[:4] != b"GGUF":
+                raise ModelLoadError(f"{path}: not a GGUF file (convert a checkpoint with capsfuse-lite convert)")
+            cur = _Cursor(buf, path)
+            cur.pos = 4
+            version = cur.unpack("<I")
+            n_tensors = cur.unpack("<Q")
+            n_kv = cur.unpack("<Q")
+            meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors}
+            for _ in range(n_kv):
+                key = cur.string()
+                meta[key] = cur.value(cur.unpack("<I"), load_arrays)
+            tensors: list[GGUFTensorInfo] = []
+            if want_tensors:
+                for _ in range(n_tensors):
+                    name = cur.string()
+                    dims = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
+                    tensors.append(GGUFTensorInfo(name, dims, cur.unpack("<I"), cur.unpack("<Q")))
+    return meta, tensors
+
+
+def read_gguf_metadata(path: str | Path, *, load_arrays: bool = False) -> dict[str, Any]:
+    """All key/values of a GGUF (arrays as GGUFArray unless ``load_arrays``)."""
+    return _parse(Path(path), load_arrays, False)[0]
+
+
+def read_gguf_tensors(path: str | Path) -> list[GGUFTensorInfo]:
+    """The tensor table (name, GGUF-order shape, ggml type id, data offset)."""
+    return _parse(Path(path), False, True)[1]
