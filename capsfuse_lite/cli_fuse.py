@@ -1,0 +1,133 @@
+"""`capsfuse-lite fuse` and `capsfuse-lite merge`: thin typer commands over runner and shards."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import defaults
+
+EXIT_INTERRUPTED = 130
+
+
+def _resume_command(cfg, resume: bool = True) -> str:
+    """The command line that continues (or repeats) the run ``cfg``."""
+    parts = ["capsfuse-lite", "fuse", str(cfg.input), "-o", str(cfg.output), "--model", str(cfg.model)]
+    options = [("--input-format", cfg.input_format, None), ("--output-format", cfg.output_format, None),
+               ("--raw-field", cfg.raw_field, defaults.RAW_FIELD),
+               ("--synthetic-field", cfg.synthetic_field, defaults.SYNTHETIC_FIELD),
+               ("--output-field", cfg.output_field, defaults.OUTPUT_FIELD),
+               ("--slots", cfg.slots, None), ("--beams", cfg.beams, None), ("--max-new-tokens", cfg.max_new_tokens, None),
+               ("--n-gpu-layers", cfg.n_gpu_layers, None), ("--ctx", cfg.n_ctx, None), ("--threads", cfg.n_threads, None),
+               ("--limit", cfg.limit, None), ("--shard", f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else None, None)]
+    for flag, value, default in options:
+        if value is not None and value != default:
+            parts += [flag, str(value)]
+    if resume:
+        parts.append("--resume")
+    return shlex.join(parts)
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM -> run.request_stop() (the run then saves the journal); a second signal aborts."""
+
+    def __init__(self, run, notify):
+        self.run = run
+        self.notify = notify
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        self.run.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+        self.notify("stopping after the current decode step (Ctrl-C again to abort) ...")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def fuse(
+    input: Annotated[Path, typer.Argument(help="Caption file: .json (array of objects, upstream's format), .jsonl, .csv or .parquet.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (format from the extension); OUTPUT.meta.json is written beside it.")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model. Default: CapsFus-LLaMA q4_k_m in ~/.cache/capsfuse-lite/, converted on first use.")] = None,
+    input_format: Annotated[Optional[str], typer.Option(help="Input format (json, jsonl, csv, parquet) instead of the extension.")] = None,
+    output_format: Annotated[Optional[str], typer.Option(help="Output format instead of the extension.")] = None,
+    raw_field: Annotated[str, typer.Option(help="Column with the raw alt-text (Sentence 1).")] = defaults.RAW_FIELD,
+    synthetic_field: Annotated[str, typer.Option(help="Column with the synthetic caption (Sentence 2).")] = defaults.SYNTHETIC_FIELD,
+    output_field: Annotated[str, typer.Option(help="Column for the fused caption.")] = defaults.OUTPUT_FIELD,
+    slots: Annotated[Optional[int], typer.Option(help="Rows decoded at once (continuous batching). Default: the engine's.")] = None,
+    beams: Annotated[Optional[int], typer.Option(help="Beam width (1 = greedy). Default: the GGUF's capsfuse.num_beams (3).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Token limit per caption. Default: the GGUF's capsfuse.max_new_tokens (80).")] = None,
+    n_gpu_layers: Annotated[Optional[int], typer.Option(help="Layers offloaded to the GPU. Default: all when a GPU is available.")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="KV cache size in tokens. Default: enough for all slots.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads. Default: llama.cpp's.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N input rows.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: only rows i with i mod N == I (merge the parts with `capsfuse-lite merge`).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the journal beside OUTPUT (rerunning the same command does too).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT and discard any journal (start over).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Convert the default model without asking.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of a progress bar.")] = False,
+) -> None:
+    """Fuse raw alt-texts and synthetic captions into CapsFusion captions, row by row."""
+    from .cli import user_errors
+    from .models import resolve_model, terminal_confirm
+    from .progress import make_progress, print_summary
+    from .runner import FuseConfig, FuseRun, parse_shard
+
+    with user_errors():
+        cfg = FuseConfig(
+            input=input, output=output, model=None, input_format=input_format, output_format=output_format,
+            raw_field=raw_field, synthetic_field=synthetic_field, output_field=output_field, slots=slots,
+            beams=beams, max_new_tokens=max_new_tokens, n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_threads=threads,
+            limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
+        progress = make_progress(quiet)
+        run = FuseRun(cfg, progress=progress)
+        run.prepare()  # a malformed input fails here, before any model work
+        cfg.model = resolve_model(model, yes=yes, confirm=terminal_confirm())
+        cfg.command = _resume_command(cfg, resume=False)
+        how_to_resume = f"progress is saved in the journal; resume with:\n  {_resume_command(cfg)}"
+        with _StopOnSignal(run, progress.note) as stopper:
+            try:
+                summary = run.execute()
+            except KeyboardInterrupt:
+                progress.close()
+                typer.echo(f"aborted; {how_to_resume}", err=True)
+                raise typer.Exit(EXIT_INTERRUPTED) from None
+        print_summary(summary)
+        if not summary.complete:
+            typer.echo(f"interrupted; {how_to_resume}", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED if stopper.signum != signal.SIGTERM else 128 + signal.SIGTERM)
+
+
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="Outputs of `fuse --shard I/N` for I = 0..N-1 (any order; their meta files say which shard each is).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Merged file, rows in input order (format from the extension).")],
+    output_format: Annotated[Optional[str], typer.Option(help="Output format instead of the extension.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT.")] = False,
+) -> None:
+    """Concatenate shard outputs back into input order."""
+    from .cli import user_errors
+    from .shards import merge_shards
+
+    with user_errors():
+        rows = merge_shards(parts, output, output_format=output_format, force=force)
+        typer.echo(f"wrote {output} ({rows} rows from {len(parts)} parts)", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fuse")(fuse)
+    app.command("merge")(merge)

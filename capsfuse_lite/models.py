@@ -1,0 +1,221 @@
+"""Which GGUF a run uses: ``--model PATH`` or the default in the user cache.
+
+Without ``--model`` the default is CapsFus-LLaMA at q4_k_m in ``~/.cache/capsfuse-lite/``
+(``$CAPSFUSE_LITE_CACHE``, else ``$XDG_CACHE_HOME/capsfuse-lite``). On first use it is converted
+from the Hugging Face checkpoint by :func:`capsfuse_lite.convert.convert_checkpoint`, after
+asking (or with ``--yes``); offline, the error says how to convert a local copy or pass ``--model``.
+
+Also here: the file's sha256 (cached by path, size and mtime, so a multi-gigabyte model is hashed
+once) and the ``capsfuse.*`` decoding defaults read from the GGUF header without loading weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import defaults
+from .errors import ConfigError, HubError, ModelLoadError
+
+DEFAULT_QUANT = "q4_k_m"
+DEFAULT_MODEL_FILE = f"CapsFus-LLaMA-{DEFAULT_QUANT}.gguf"
+
+
+def cache_dir() -> Path:
+    """The user cache folder of capsfuse-lite (not created here)."""
+    env = os.environ.get("CAPSFUSE_LITE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "capsfuse-lite"
+
+
+def default_model_path() -> Path:
+    return cache_dir() / DEFAULT_MODEL_FILE
+
+
+def _convert_hint(target: Path) -> str:
+    return (f"convert a local copy of {defaults.DEFAULT_HUB_REPO} with "
+            f"`capsfuse-lite convert /path/to/CapsFus-LLaMA -o {target} --type {DEFAULT_QUANT}`, "
+            "or pass --model FILE.gguf")
+
+
+def resolve_model(
+    model: str | Path | None,
+    *,
+    yes: bool = False,
+    confirm: Callable[[str], bool] | None = None,
+    convert: Callable[..., Path] | None = None,
+) -> Path:
+    """The GGUF to load.
+
+    ``model`` given: it must be an existing GGUF file. ``None``: the default q4_k_m in the cache,
+    converted first if missing, after ``confirm(question)`` returns True (or ``yes``). ``convert``
+    replaces :func:`convert_checkpoint` (tests).
+    """
+    if model is not None:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            raise ConfigError(
+                f"{path} is a folder; --model takes a GGUF file. Convert a checkpoint folder first: "
+                f"`capsfuse-lite convert {path} -o model.gguf`"
+            )
+        if not path.is_file():
+            raise ConfigError(f"model file {path} does not exist (--model takes a .gguf file)")
+        check_gguf(path)
+        return path
+
+    target = default_model_path()
+    if target.is_file():
+        return target
+    question = (f"No --model given and the default model is not converted yet. Download "
+                f"{defaults.DEFAULT_HUB_REPO} (about 52 GB) and convert it to {DEFAULT_QUANT} "
+                f"(about 8 GB) at {target}?")
+    if not yes:
+        if confirm is None:
+            raise ConfigError(f"no --model given and {target} does not exist; pass --yes to convert "
+                              f"{defaults.DEFAULT_HUB_REPO} there, or {_convert_hint(target)}")
+        if not confirm(question):
+            raise ConfigError(f"no model: {_convert_hint(target)}")
+    if convert is None:
+        from .convert import convert_checkpoint as convert
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(convert(defaults.DEFAULT_HUB_REPO, target, out_type=DEFAULT_QUANT))
+    except HubError as exc:
+        raise HubError(f"{exc} — offline? {_convert_hint(target)}") from None
+
+
+def check_gguf(path: Path) -> None:
+    """Raise ModelLoadError unless ``path`` starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file; convert a checkpoint with `capsfuse-lite convert`")
+
+
+def file_sha256(path: str | Path, *, use_cache: bool = True) -> str:
+    """sha256 of a file; remembered in the cache folder by (absolute path, size, mtime)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    store = cache_dir() / "sha256.json"
+    known: dict = {}
+    if use_cache:
+        try:
+            known = json.loads(store.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known, dict) and isinstance(known.get(key), str):
+            return known[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if use_cache:
+        known = {k: v for k, v in known.items() if not k.startswith(f"{path}|")} if isinstance(known, dict) else {}
+        known[key] = value
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=0))
+            os.replace(tmp, store)
+        except OSError:
+            pass  # a read-only cache only costs re-hashing next time
+    return value
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: str | Path) -> dict:
+    """The scalar and string key/values of a GGUF header (arrays such as the vocabulary are
+    skipped), read with ``struct``: milliseconds even for a 13B model."""
+    def read(f, fmt):
+        size = struct.calcsize(fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ModelLoadError(f"{path}: truncated GGUF header")
+        return struct.unpack(fmt, data)[0]
+
+    def string(f):
+        return f.read(read(f, "<Q")).decode("utf-8", "replace")
+
+    def value(f, vtype):
+        if vtype in _GGUF_SCALARS:
+            return read(f, _GGUF_SCALARS[vtype])
+        if vtype == _GGUF_STRING:
+            return string(f)
+        if vtype == _GGUF_ARRAY:
+            etype, count = read(f, "<I"), read(f, "<Q")
+            if etype in _GGUF_SCALARS:
+                f.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    value(f, etype)
+            return None
+        raise ModelLoadError(f"{path}: unknown GGUF value type {vtype}; is the file corrupt?")
+
+    check_gguf(Path(path))
+    out = {}
+    with open(path, "rb") as f:
+        f.seek(4)
+        version = read(f, "<I")
+        if not 1 <= version < 1 << 16:
+            raise ModelLoadError(f"{path}: unsupported GGUF version {version} (big-endian file?)")
+        read(f, "<Q")  # tensor count
+        for _ in range(read(f, "<Q")):
+            key = string(f)
+            v = value(f, read(f, "<I"))
+            if v is not None:
+                out[key] = v
+    return out
+
+
+def gguf_defaults(path: str | Path) -> dict:
+    """Decoding defaults a GGUF carries (``capsfuse.*``), falling back to :mod:`defaults`, plus
+    its quant type; read from the header only (no weights loaded)."""
+    meta = read_gguf_metadata(path)
+
+    def integer(key, fallback):
+        try:
+            return int(meta.get(key, fallback))
+        except (TypeError, ValueError):
+            raise ModelLoadError(f"{path}: metadata {key}={meta[key]!r} is not an integer; re-run `capsfuse-lite convert`") from None
+
+    quant = None
+    if "general.file_type" in meta:
+        from gguf import LlamaFileType
+
+        try:
+            quant = LlamaFileType(int(meta["general.file_type"])).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+        except ValueError:
+            quant = str(meta["general.file_type"])
+    template = meta.get(defaults.KEY_PROMPT_TEMPLATE, defaults.PROMPT_TEMPLATE)
+    return {
+        "num_beams": integer(defaults.KEY_NUM_BEAMS, defaults.NUM_BEAMS),
+        "max_new_tokens": integer(defaults.KEY_MAX_NEW_TOKENS, defaults.MAX_NEW_TOKENS),
+        "length_offset": integer(defaults.KEY_LENGTH_OFFSET, defaults.LENGTH_OFFSET),
+        "max_input_tokens": integer(defaults.KEY_MAX_INPUT_TOKENS, defaults.MAX_INPUT_TOKENS),
+        "prompt_template_sha256": hashlib.sha256(str(template).encode("utf-8")).hexdigest()[:16],
+        "quant": quant,
+    }
+
+
+def terminal_confirm() -> Callable[[str], bool] | None:
+    """A yes/no prompt on the terminal, or None when stdin is not a terminal (then --yes is needed)."""
+    if not sys.stdin.isatty():
+        return None
+    import typer
+
+    return lambda question: typer.confirm(question, default=False, err=True)

@@ -1,0 +1,202 @@
+"""Progress reporting and the end-of-run summary, kept apart from the scheduler and the IO.
+
+The runner calls a :class:`Progress` object: ``start(total, done)`` once, ``advance(rows,
+tokens)`` as rows finish, ``note(text)`` for one-off messages, ``close()`` at the end.
+:class:`RichProgress` draws a bar on a terminal (rows done/total, rows/s, generated tokens/s,
+ETA); :class:`LogProgress` writes a plain line every ``interval`` seconds (no terminal, or
+``--quiet``). :func:`print_summary` renders a finished (or interrupted) run as a table.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Progress sink that shows nothing; the base of the others."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.done = 0
+        self.rows = 0  # rows finished by this process (rates exclude resumed rows)
+        self.tokens = 0
+        self.t0 = time.monotonic()
+
+    def start(self, total: int, done: int = 0, description: str = "fusing") -> None:
+        self.total, self.done, self.description = total, done, description
+        self.t0 = time.monotonic()
+
+    def advance(self, rows: int, tokens: int = 0) -> None:
+        self.done += rows
+        self.rows += rows
+        self.tokens += tokens
+        self._refresh()
+
+    def note(self, text: str) -> None:
+        """A one-off message (model loading, warnings)."""
+
+    def close(self) -> None:
+        """Stop drawing (the summary is printed separately)."""
+
+    def _refresh(self) -> None:
+        pass
+
+    # rates over this process's run
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.t0, 1e-9)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.elapsed
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed
+
+    @property
+    def eta_s(self) -> float | None:
+        left = self.total - self.done
+        if left <= 0:
+            return 0.0
+        rate = self.rows_per_s
+        return left / rate if rate > 0 else None
+
+
+class LogProgress(Progress):
+    """Plain log lines every ``interval`` seconds, for logs and ``--quiet``."""
+
+    def __init__(self, stream: IO[str] | None = None, interval: float = 30.0) -> None:
+        super().__init__()
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self._last = 0.0
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def start(self, total, done=0, description="fusing"):
+        super().start(total, done, description)
+        self._last = time.monotonic()
+        resumed = f" ({done} already done)" if done else ""
+        self._print(f"{description}: {total} rows{resumed}")
+
+    def _refresh(self):
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._print(self.line())
+
+    def line(self) -> str:
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"{self.description}: {self.done}/{self.total} rows ({pct:.1f}%), "
+                f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} tok/s, ETA {format_duration(self.eta_s)}")
+
+    def note(self, text):
+        self._print(text)
+
+    def close(self):
+        if self.rows:
+            self._print(self.line())
+
+
+class RichProgress(Progress):
+    """A rich progress bar on the terminal (stderr)."""
+
+    def __init__(self, console: Any = None) -> None:
+        super().__init__()
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self._bar = None
+        self._task = None
+
+    def start(self, total, done=0, description="fusing"):
+        super().start(total, done, description)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+        self._bar = Bar(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows"),
+            TextColumn("{task.fields[rates]}"),
+            TextColumn("ETA {task.fields[eta]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total, completed=done, rates="", eta="?")
+
+    def _refresh(self):
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done,
+                             rates=f"{self.rows_per_s:.2f} rows/s {self.tokens_per_s:.0f} tok/s",
+                             eta=format_duration(self.eta_s))
+
+    def note(self, text):
+        self.console.print(text, highlight=False)
+
+    def close(self):
+        if self._bar is not None:
+            self._refresh()
+            self._bar.stop()
+            self._bar = None
+
+
+def make_progress(quiet: bool = False, stream: IO[str] | None = None, interval: float = 30.0) -> Progress:
+    """A bar when ``stream`` (default stderr) is a terminal and not ``quiet``, else log lines."""
+    stream = stream or sys.stderr
+    if not quiet and stream.isatty():
+        return RichProgress()
+    return LogProgress(stream, interval=interval)
+
+
+def summary_rows(summary: Any) -> list[tuple[str, str]]:
+    """(label, value) pairs describing a run summary (see ``runner.RunSummary``)."""
+    s = summary
+    rows = [
+        ("output", str(s.output) if s.complete else f"{s.output} (not written: run interrupted)"),
+        ("rows", f"{s.rows_total} in this run ({s.rows_resumed} from the journal)"),
+        ("fused", f"{s.rows_fused} by the model, {s.rows_reused} reused (identical caption pairs)"),
+        ("skipped", f"{s.rows_skipped} (missing, null, non-string or empty caption)"),
+        ("truncated prompts", str(s.truncated_prompts)),
+        ("cut at token limit", str(s.length_cut)),
+        ("wall time", format_duration(s.wall_s)),
+        ("throughput", f"{s.rows_per_s:.2f} rows/s, {s.generated_tokens_per_s:.1f} generated tok/s"),
+    ]
+    model = s.model or {}
+    if model:
+        rows.append(("model", f"{model.get('file')} ({model.get('quant') or '?'}, sha256 {str(model.get('sha256'))[:12]}…)"))
+    st = s.settings or {}
+    if st:
+        keys = ("beams", "max_new_tokens", "slots", "n_ctx", "n_gpu_layers", "length_offset")
+        rows.append(("decoding", ", ".join(f"{k}={st[k]}" for k in keys if st.get(k) is not None)))
+    return rows
+
+
+def print_summary(summary: Any, console: Any = None) -> None:
+    """Print the summary table (to stderr unless a console is given)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    title = "capsfuse-lite fuse" + ("" if summary.complete else " (interrupted)")
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in summary_rows(summary):
+        table.add_row(label, value)
+    console.print(table)

@@ -1,0 +1,439 @@
+"""A fuse run over a caption file: records + engine + journal, as a plain Python API.
+
+    run = FuseRun(FuseConfig(input="in.parquet", output="out.parquet", model="m.gguf"))
+    run.prepare()          # validation pass: malformed input fails here, before any model work
+    summary = run.execute()  # journaled, resumable, deduplicated; writes OUTPUT + OUTPUT.meta.json
+
+Row selection: ``limit`` keeps input rows ``0 .. limit-1``; ``shard=(I, N)`` keeps the rows
+``i`` of those with ``i % N == I`` (:mod:`capsfuse_lite.shards` interleaves the parts back).
+Rows whose caption fields are missing, null, non-strings or empty are passed through with
+``status: skipped`` and a reason. Identical (raw, synthetic) pairs, after stripping, go to the
+engine once; resumed runs reuse journaled results for them too. The engine completes rows out of
+order; the journal records each with its input index and the output is assembled in input order
+by streaming the input again, to ``OUTPUT.partial`` renamed onto OUTPUT at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import hashlib
+import itertools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import __version__, defaults
+from .errors import ConfigError, DiskSpaceError, InputFileError, OutputExistsError
+from .journal import Journal, journal_path, replace_atomically
+from .progress import Progress
+from .records import Layout, RecordReader, detect_format, open_reader, open_writer
+
+FINISH_COLUMN = "finish_reason"
+STATUS_COLUMN = "status"
+ERROR_COLUMN = "error"
+STATUS_OK = "ok"
+STATUS_SKIPPED = "skipped"
+
+
+def meta_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".meta.json")
+
+
+def partial_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".partial")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 0/4 (shard I of N, counting from 0)") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text!r}: need 0 <= I < N (shards are numbered 0 .. N-1)")
+    return i, n
+
+
+def caption_pair(row: dict, raw_field: str, synthetic_field: str) -> tuple[str, str, str | None]:
+    """``(raw, synthetic, None)`` for a usable row, else ``("", "", reason)``."""
+    values = []
+    for name in (raw_field, synthetic_field):
+        if name not in row:
+            return "", "", f"missing field {name!r}"
+        value = row[name]
+        if value is None:
+            return "", "", f"field {name!r} is null"
+        if not isinstance(value, str):
+            return "", "", f"field {name!r} is not a string ({type(value).__name__})"
+        if not value.strip():
+            return "", "", f"field {name!r} is empty"
+        values.append(value)
+    return values[0], values[1], None
+
+
+def pair_key(raw: str, synthetic: str) -> bytes:
+    """Dedupe key of a caption pair: the engine sees both captions stripped."""
+    return hashlib.blake2b(f"{raw.strip()}\x00{synthetic.strip()}".encode("utf-8"), digest_size=16).digest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    replace_atomically(tmp, path)
+
+
+@dataclass
+class FuseConfig:
+    input: str | Path
+    output: str | Path
+    model: str | Path | None = None  # a GGUF path (see models.resolve_model)
+    input_format: str | None = None
+    output_format: str | None = None
+    raw_field: str = defaults.RAW_FIELD
+    synthetic_field: str = defaults.SYNTHETIC_FIELD
+    output_field: str = defaults.OUTPUT_FIELD
+    slots: int | None = None
+    beams: int | None = None
+    max_new_tokens: int | None = None
+    n_gpu_layers: int | None = None
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    limit: int | None = None
+    shard: tuple[int, int] | None = None
+    resume: bool = False
+    force: bool = False
+    command: str | None = None  # the command line, recorded in the meta file
+
+    def __post_init__(self) -> None:
+        self.input, self.output = Path(self.input), Path(self.output)
+        flags = {"slots": "--slots", "beams": "--beams", "max_new_tokens": "--max-new-tokens", "n_ctx": "--ctx",
+                 "n_threads": "--threads"}
+        for name, flag in flags.items():
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"--limit must be 0 or more, got {self.limit}")
+        if self.resume and self.force:
+            raise ConfigError("--resume and --force contradict each other (--force discards the journal and starts over)")
+        if len({self.raw_field, self.synthetic_field}) < 2:
+            raise ConfigError("--raw-field and --synthetic-field name the same column")
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    complete: bool
+    rows_total: int = 0  # rows selected by limit/shard
+    rows_resumed: int = 0  # found done in the journal at start
+    rows_fused: int = 0  # generated by the model in this process
+    rows_reused: int = 0  # filled from an identical pair (in flight or journaled)
+    rows_skipped: int = 0
+    truncated_prompts: int = 0
+    length_cut: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    wall_s: float = 0.0
+    fuse_s: float = 0.0
+    model: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return (self.rows_fused + self.rows_reused) / self.fuse_s if self.fuse_s > 0 else 0.0
+
+    @property
+    def generated_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.fuse_s if self.fuse_s > 0 else 0.0
+
+
+def default_fuser_factory(model_path: Path, **kwargs):
+    from .engine import Fuser
+
+    return Fuser(model_path, **kwargs)
+
+
+class FuseRun:
+    """One run; see the module docstring. ``request_stop()`` may be called from a signal handler."""
+
+    def __init__(self, config: FuseConfig, *, progress: Progress | None = None,
+                 fuser_factory: Callable[..., Any] = default_fuser_factory):
+        self.config = config
+        self.progress = progress or Progress()
+        self.fuser_factory = fuser_factory
+        self.fuser = None
+        self.layout: Layout | None = None
+        self._reader: RecordReader | None = None
+        self._stop = False
+        self._inflight: dict[bytes, list[int]] = {}
+        self._by_position: dict[int, bytes] = {}
+        self._exhausted = False
+        self.model_meta: dict = {}
+
+    # -- phase 1: everything that can fail before model work --------------------------------
+
+    def prepare(self) -> Layout:
+        cfg = self.config
+        self.output_format = detect_format(cfg.output, cfg.output_format, role="output")
+        self._reader = open_reader(cfg.input, cfg.input_format)
+        if cfg.output.resolve() == cfg.input.resolve():
+            raise ConfigError(f"{cfg.output}: the output must not be the input file")
+        if cfg.output.exists() and not cfg.force:
+            raise OutputExistsError(f"{cfg.output} exists; pass --force to overwrite it (or choose another -o)")
+        if not cfg.output.parent.is_dir():
+            raise ConfigError(f"cannot write {cfg.output}: folder {cfg.output.parent} does not exist")
+        if self.output_format == "parquet":
+            from .records import import_pyarrow
+
+            import_pyarrow()
+        self.layout = self._reader.scan(required=(cfg.raw_field, cfg.synthetic_field))
+        return self.layout
+
+    @property
+    def selected(self) -> range:
+        """Input row indexes in this run (limit and shard applied)."""
+        cfg = self.config
+        stop = self.layout.rows if cfg.limit is None else min(cfg.limit, self.layout.rows)
+        first, step = cfg.shard or (0, 1)
+        return range(first, stop, step)
+
+    def fingerprint(self, model_path: Path) -> dict:
+        """What must match for a journal to be resumed: model, decoding, fields, input."""
+        from .models import file_sha256, gguf_defaults
+
+        cfg = self.config
+        meta = self.model_meta = gguf_defaults(model_path)
+        return {
+            "model_sha256": file_sha256(model_path),
+            "beams": cfg.beams if cfg.beams is not None else meta["num_beams"],
+            "max_new_tokens": cfg.max_new_tokens if cfg.max_new_tokens is not None else meta["max_new_tokens"],
+            "length_offset": meta["length_offset"],
+            "max_input_tokens": meta["max_input_tokens"],
+            "prompt_template": meta["prompt_template_sha256"],
+            "raw_field": cfg.raw_field,
+            "synthetic_field": cfg.synthetic_field,
+            "input_rows": self.layout.rows,
+            "input_bytes": cfg.input.stat().st_size,
+        }
+
+    # -- phase 2: model work -----------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop after the current decode step; the journal keeps every finished row."""
+        self._stop = True
+        if self.fuser is not None:
+            self.fuser.request_stop()
+
+    def execute(self) -> RunSummary:
+        cfg = self.config
+        if self.layout is None:
+            self.prepare()
+        if cfg.model is None:
+            raise ConfigError("no model: pass --model FILE.gguf")
+        t0 = time.monotonic()
+        model_path = Path(cfg.model)
+        jpath = journal_path(cfg.output)
+        if cfg.force:
+            jpath.unlink(missing_ok=True)
+        elif cfg.resume and not jpath.exists():
+            self.progress.note(f"no journal at {jpath}: starting from the first row")
+        fingerprint = self.fingerprint(model_path)
+        summary = RunSummary(output=cfg.output, complete=False)
+        selected = self.selected
+        with Journal.open(jpath, fingerprint, self.layout.rows) as journal:
+            summary.rows_total = len(selected)
+            summary.rows_resumed = sum(1 for i in selected if journal.is_done(i))
+            if journal.torn_bytes or journal.dropped_lines:
+                self.progress.note(f"journal {jpath}: dropped a torn tail ({journal.torn_bytes} bytes) "
+                                   f"and {journal.dropped_lines} unreadable line(s); those rows are redone")
+            summary.model = {"path": str(model_path.resolve()), "file": model_path.name, "size": model_path.stat().st_size,
+                             "sha256": fingerprint["model_sha256"], "quant": self.model_meta.get("quant")}
+            summary.settings = {"beams": fingerprint["beams"], "max_new_tokens": fingerprint["max_new_tokens"],
+                                "length_offset": fingerprint["length_offset"], "slots": cfg.slots}
+            t_fuse = time.monotonic()
+            try:
+                self._fuse_pending(journal, summary, fingerprint)
+            finally:
+                summary.fuse_s = time.monotonic() - t_fuse
+                if self.fuser is not None:
+                    self._collect_engine_info(summary)
+                    self.fuser.close()
+                    self.fuser = None
+            summary.complete = self._exhausted and not self._inflight
+            self.progress.close()
+            if summary.complete:
+                self.progress.note(f"writing {cfg.output} ...")
+                self._assemble(journal, summary)
+                summary.wall_s = time.monotonic() - t0
+                self._write_meta(summary, fingerprint)
+                replace_atomically(partial_path(cfg.output), cfg.output)
+                journal.remove()
+            else:
+                journal.sync()
+        summary.wall_s = time.monotonic() - t0
+        return summary
+
+    def _fuse_pending(self, journal: Journal, summary: RunSummary, fingerprint: dict) -> None:
+        cfg = self.config
+        self.progress.start(summary.rows_total, summary.rows_resumed)
+        pending = self._pending(journal, summary)
+        first = next(pending, None)  # the model loads only if some row still needs it
+        if first is None or self._stop:
+            return
+        self.progress.note(f"loading {cfg.model} ...")
+        kwargs = {k: getattr(cfg, k) for k in ("slots", "n_gpu_layers", "n_ctx", "n_threads")}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs["beams"] = fingerprint["beams"]
+        kwargs["max_new_tokens"] = fingerprint["max_new_tokens"]
+        self.fuser = self.fuser_factory(Path(cfg.model), **kwargs)
+        if self._stop:  # Ctrl-C while the model loaded
+            return
+        for result in self.fuser.fuse(itertools.chain([first], pending), ordered=False):
+            key = self._by_position.pop(result.index)
+            rows = self._inflight.pop(key)
+            entry = {"text": result.text, "finish_reason": result.finish_reason,
+                     "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.token_ids),
+                     "truncated": bool(result.truncated)}
+            for i in rows:
+                journal.record(i, key, entry)
+            journal.flush()
+            summary.rows_fused += 1
+            summary.rows_reused += len(rows) - 1
+            summary.prompt_tokens += result.prompt_tokens
+            summary.generated_tokens += len(result.token_ids)
+            summary.truncated_prompts += bool(result.truncated)
+            summary.length_cut += result.finish_reason == "length"
+            self.progress.advance(len(rows), len(result.token_ids))
+
+    def _pending(self, journal: Journal, summary: RunSummary) -> Iterator[tuple[str, str]]:
+        """Caption pairs for the engine, in input order: rows not done, not skipped, not duplicates."""
+        cfg = self.config
+        selected = self.selected
+        position = 0
+        for i, row in self._reader.rows(columns=(cfg.raw_field, cfg.synthetic_field)):
+            if self._stop:
+                return
+            if i >= selected.stop:
+                break
+            if i % selected.step != selected.start or journal.is_done(i):
+                continue
+            raw, synthetic, reason = caption_pair(row, cfg.raw_field, cfg.synthetic_field)
+            if reason is not None:
+                summary.rows_skipped += 1
+                self.progress.advance(1)
+                continue
+            key = pair_key(raw, synthetic)
+            waiting = self._inflight.get(key)
+            if waiting is not None:
+                waiting.append(i)
+                continue
+            known = journal.lookup(key)
+            if known is not None:
+                journal.record(i, key, {k: v for k, v in known.items() if k not in ("i", "h")})
+                summary.rows_reused += 1
+                self.progress.advance(1)
+                continue
+            self._inflight[key] = [i]
+            self._by_position[position] = key
+            position += 1
+            yield raw, synthetic
+        if not self._stop:
+            self._exhausted = True
+
+    def _collect_engine_info(self, summary: RunSummary) -> None:
+        info = dict(getattr(self.fuser, "model_info", None) or {})
+        settings = dict(getattr(self.fuser, "settings", None) or {})
+        summary.model.update({k: v for k, v in info.items() if k not in summary.model or summary.model[k] is None})
+        summary.settings.update(settings)
+
+    # -- phase 3: the output -----------------------------------------------------------------
+
+    def _assemble(self, journal: Journal, summary: RunSummary) -> None:
+        """Stream the input again, join the journaled results by index, write OUTPUT.partial."""
+        cfg = self.config
+        added = {cfg.output_field: "string", FINISH_COLUMN: "string", STATUS_COLUMN: "string", ERROR_COLUMN: "string"}
+        selected = self.selected
+        tmp = partial_path(cfg.output)
+        results = journal.results()
+        current = next(results, None)
+        summary.rows_skipped = summary.truncated_prompts = summary.length_cut = 0
+        try:
+            with open_writer(tmp, self.output_format, self.layout.with_columns(added)) as writer:
+                for i, row in self._reader.rows():
+                    if i >= selected.stop:
+                        break
+                    if i % selected.step != selected.start:
+                        continue
+                    while current is not None and current[0] < i:
+                        current = next(results, None)
+                    _, _, reason = caption_pair(row, cfg.raw_field, cfg.synthetic_field)
+                    if reason is not None:
+                        out = {cfg.output_field: None, FINISH_COLUMN: None, STATUS_COLUMN: STATUS_SKIPPED, ERROR_COLUMN: reason}
+                        summary.rows_skipped += 1
+                    elif current is not None and current[0] == i:
+                        entry = current[1]
+                        out = {cfg.output_field: entry["text"], FINISH_COLUMN: entry["finish_reason"],
+                               STATUS_COLUMN: STATUS_OK, ERROR_COLUMN: None}
+                        summary.truncated_prompts += bool(entry.get("truncated"))
+                        summary.length_cut += entry["finish_reason"] == "length"
+                    else:
+                        raise InputFileError(f"{cfg.input}: row {i} has no journaled result (did the input change during the run?); rerun to fuse it")
+                    row = {k: v for k, v in row.items() if k not in out}
+                    row.update(out)
+                    writer.write(row)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise DiskSpaceError(f"disk full while writing {tmp}; free space and rerun the same command (the journal keeps every fused row)") from None
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _write_meta(self, summary: RunSummary, fingerprint: dict) -> None:
+        cfg = self.config
+        meta = {
+            "capsfuse_lite": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": cfg.command,
+            "input": {"path": str(cfg.input.resolve()), "format": self.layout.format, "rows": self.layout.rows,
+                      "bytes": fingerprint["input_bytes"]},
+            "output": {"path": str(cfg.output.resolve()), "format": self.output_format, "rows": summary.rows_total},
+            "fields": {"raw": cfg.raw_field, "synthetic": cfg.synthetic_field, "output": cfg.output_field},
+            "selection": {"limit": cfg.limit, "shard": f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else None},
+            "model": summary.model,
+            "settings": {**summary.settings, "max_input_tokens": fingerprint["max_input_tokens"],
+                         "prompt_template_sha256": fingerprint["prompt_template"]},
+            "counts": {k: getattr(summary, k) for k in ("rows_total", "rows_fused", "rows_reused", "rows_resumed",
+                                                        "rows_skipped", "truncated_prompts", "length_cut")},
+            "timing": {"wall_s": round(summary.wall_s, 3), "fuse_s": round(summary.fuse_s, 3),
+                       "rows_per_s": round(summary.rows_per_s, 4),
+                       "generated_tokens_per_s": round(summary.generated_tokens_per_s, 2)},
+        }
+        write_json_atomic(meta_path(cfg.output), meta)
+
+
+def run_fuse(config: FuseConfig, *, progress: Progress | None = None,
+             fuser_factory: Callable[..., Any] = default_fuser_factory) -> RunSummary:
+    """Validate, fuse and write in one call (``config.model`` must be a GGUF path)."""
+    run = FuseRun(config, progress=progress, fuser_factory=fuser_factory)
+    run.prepare()
+    return run.execute()
+
+
+def summary_dict(summary: RunSummary) -> dict:
+    out = asdict(summary)
+    out["output"] = str(summary.output)
+    out["rows_per_s"] = summary.rows_per_s
+    out["generated_tokens_per_s"] = summary.generated_tokens_per_s
+    return out
