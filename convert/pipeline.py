@@ -110,7 +110,8 @@ def convert_checkpoint(source: str | Path = D.DEFAULT_HUB_REPO, out_path: str | 
     first = temp_path(out, write_type)
     final_tmp = temp_path(out, out_type) if out_type in LLAMA_QUANT_TYPES else first
     try:
-        write_gguf(first, writer, plans, reporter, SequentialHasher(checkpoint.weight_files), digests, names)
+        write_gguf(first, writer, plans, reporter, SequentialHasher(checkpoint.weight_files), digests, names,
+                   f"{write_type} {out.name}")
         if out_type in LLAMA_QUANT_TYPES:
             from .quantize import quantize_with_llama_cpp
 

@@ -139,7 +139,8 @@ def write_tensor_data(fout, writer: gguf.GGUFWriter, plan: TensorPlan, files: Ma
 
 
 def write_gguf(path: Path, writer: gguf.GGUFWriter, plans: list[TensorPlan], progress: ConvertProgress,
-               hasher: SequentialHasher, digests: dict[str, str], digest_key_names: dict[Path, str]) -> None:
+               hasher: SequentialHasher, digests: dict[str, str], digest_key_names: dict[Path, str],
+               description: str) -> None:
     """Write header, KV, tensor infos and streamed tensor data to ``path``; then patch the digests."""
     placeholder = digest_json(digests).encode()
     writer.write_header_to_file(path)
@@ -148,7 +149,7 @@ def write_gguf(path: Path, writer: gguf.GGUFWriter, plans: list[TensorPlan], pro
     assert writer.fout is not None
     fout = writer.fout[0]
     header_end = fout.tell()
-    progress.start(f"writing {path.name.split('.partial')[0].lstrip('.')}", sum(p.source.nbytes for p in plans), len(plans))
+    progress.start(description, sum(p.source.nbytes for p in plans), len(plans))
     try:
         with MappedFiles() as files:
             for plan in plans:
