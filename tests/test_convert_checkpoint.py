@@ -68,28 +68,22 @@ def test_4_28_config_without_kv_heads_and_theta(ckpt_copy):
     assert (config.n_kv_heads, config.rope_theta, config.head_dim) == (4, 10000.0, 16)
 
 
-def test_other_architecture_refused(ckpt_copy, tmp_path):
-    _edit_json(ckpt_copy / "config.json", architectures=["MistralForCausalLM"], model_type="mistral")
-    with pytest.raises(UnsupportedModelError, match="MistralForCausalLM"):
+@pytest.mark.parametrize(
+    "config_changes, error, message",
+    [
+        (dict(architectures=["MistralForCausalLM"], model_type="mistral"), UnsupportedModelError, "MistralForCausalLM"),
+        (dict(intermediate_size=160), CheckpointError, r"mlp\.\w+_proj\.weight has shape .*config.json implies"),
+        (dict(num_hidden_layers=3), CheckpointError, r"lacks .* blk\.2\."),  # missing tensors
+        (dict(num_hidden_layers=1), CheckpointError, r"unexpected tensor model\.layers\.1\."),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), UnsupportedModelError, "dynamic"),
+    ],
+    ids=["architecture", "shape", "missing-tensor", "unknown-tensor", "rope-scaling"],
+)
+def test_inconsistent_checkpoints_refused(ckpt_copy, tmp_path, config_changes, error, message):
+    _edit_json(ckpt_copy / "config.json", **config_changes)
+    with pytest.raises(error, match=message):
         convert_checkpoint(ckpt_copy, tmp_path / "o.gguf", out_type="f32", progress=False)
-
-
-def test_shape_mismatch_refused(ckpt_copy, tmp_path):
-    _edit_json(ckpt_copy / "config.json", intermediate_size=160)
-    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape .*config.json implies"):
-        convert_checkpoint(ckpt_copy, tmp_path / "o.gguf", out_type="f32", progress=False)
-
-
-def test_missing_tensors_refused(ckpt_copy, tmp_path):
-    _edit_json(ckpt_copy / "config.json", num_hidden_layers=3)
-    with pytest.raises(CheckpointError, match=r"lacks .* blk\.2\."):
-        convert_checkpoint(ckpt_copy, tmp_path / "o.gguf", out_type="f32", progress=False)
-
-
-def test_unknown_tensor_refused(ckpt_copy, tmp_path):
-    _edit_json(ckpt_copy / "config.json", num_hidden_layers=1)
-    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.1\."):
-        convert_checkpoint(ckpt_copy, tmp_path / "o.gguf", out_type="f32", progress=False)
+    assert not (tmp_path / "o.gguf").exists()
 
 
 def test_vocabulary_larger_than_embedding_refused(ckpt_copy, tmp_path):
