@@ -1,0 +1,362 @@
+"""The Fuser: CapsFus-LLaMA caption fusion over one llama.cpp context.
+
+``Fuser(model_path, ...)`` loads a GGUF, reads its ``capsfuse.*`` metadata for the defaults
+(prompt template, prompt budget, beams, max new tokens, length offset), creates one context whose
+unified KV cache holds ``slots x beams`` sequences (plus one for the shared instruction prefix),
+and ``fuse(pairs)`` streams :class:`FuseResult` objects. Scheduling (continuous batching, prefix
+reuse, KV forking for beams) lives in :mod:`capsfuse_lite.scheduler`; token search (greedy,
+beam search and its transformers-version arithmetic) in :mod:`capsfuse_lite.beams`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from . import defaults
+from .errors import ConfigError, ModelLoadError
+from .llama import Batch, Context, Model, set_verbose, supports_gpu_offload
+from .prompts import Prompt, PromptBuilder
+from .scheduler import Finished, Scheduler
+
+logger = logging.getLogger("capsfuse_lite")
+
+
+@dataclass
+class FuseResult:
+    index: int  # position of the pair in the iterable given to fuse()
+    text: str  # fused caption: decoded without special tokens, stripped
+    token_ids: list[int]  # generated ids (EOS not included)
+    finish_reason: str  # "eos" | "length"
+    prompt_tokens: int  # prompt length in tokens, BOS included
+    truncated: bool  # the 256-token rule shortened a caption
+
+
+@dataclass
+class FuserStats:
+    """Running totals over every ``fuse()`` call of a Fuser.
+
+    ``prompt_tokens`` counts each finished row's full prompt (the shared prefix included, though it
+    is evaluated once); ``generated_tokens`` the tokens of the returned captions (EOS excluded);
+    ``evaluated_tokens`` every token passed to ``llama_decode`` (all beams, prompt chunks, the
+    prefix). ``elapsed_s`` is time spent inside ``fuse()``, not in the caller's loop body.
+    """
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    elapsed_s: float = 0.0
+    evaluated_tokens: int = 0
+    decode_calls: int = 0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def generated_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class Fuser:
+    """Fuses (raw alt-text, synthetic caption) pairs with a CapsFus-LLaMA GGUF.
+
+    Arguments left as ``None`` come from the GGUF's ``capsfuse.*`` metadata, else from
+    :mod:`capsfuse_lite.defaults`. ``n_gpu_layers=None`` offloads every layer when this llama.cpp
+    build supports a GPU, else runs on the CPU (with one notice line). ``n_ctx=None`` sizes the KV
+    cache for the worst case of every slot at once; a smaller ``n_ctx`` admits rows only while
+    their worst case fits. ``length_offset``: see :mod:`capsfuse_lite.beams` (256 = upstream's
+    transformers 4.28 arithmetic, 0 = current transformers).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        slots: int = 8,
+        beams: int | None = None,
+        max_new_tokens: int | None = None,
+        n_gpu_layers: int | None = None,
+        n_ctx: int | None = None,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        flash_attn: bool | None = None,
+        kv_type: str = "f16",
+        length_offset: int | None = None,
+        prefix_cache: bool = True,
+        verbose: bool = False,
+    ):
+        _positive("slots", slots)
+        _positive("beams", beams)
+        _positive("max_new_tokens", max_new_tokens)
+        _positive("n_ctx", n_ctx)
+        _positive("n_batch", n_batch)
+        _positive("n_threads", n_threads)
+        _positive("length_offset", length_offset, 0)
+        self._model: Model | None = None
+        self._ctx: Context | None = None
+        self._batch: Batch | None = None
+        self._stop = False
+        self._running = False
+        set_verbose(verbose)
+        gpu = supports_gpu_offload()
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if gpu else 0
+            if not gpu:
+                logger.warning("capsfuse-lite: this llama.cpp build has no GPU support; running on the CPU")
+        self._model = model = Model(model_path, n_gpu_layers=n_gpu_layers)
+        try:
+            meta = _Metadata(model)
+            beams = beams or meta.int(defaults.KEY_NUM_BEAMS, defaults.NUM_BEAMS)
+            max_new_tokens = max_new_tokens or meta.int(defaults.KEY_MAX_NEW_TOKENS, defaults.MAX_NEW_TOKENS)
+            if length_offset is None:
+                length_offset = meta.int(defaults.KEY_LENGTH_OFFSET, defaults.LENGTH_OFFSET)
+            self._builder = prompt_builder(model)
+            max_input_tokens = self._builder.max_tokens
+            prefix_ids = self.tokenize(self._builder.prefix_text) if prefix_cache else None
+            n_prefix = len(prefix_ids) if prefix_ids else 0
+            worst_row = max_input_tokens + beams * max_new_tokens
+            if n_ctx is None:
+                n_ctx = n_prefix + slots * worst_row
+            elif n_ctx < n_prefix + worst_row:
+                raise ConfigError(
+                    f"n_ctx={n_ctx} is too small: one row may need {n_prefix + worst_row} KV cells "
+                    f"({max_input_tokens} prompt + {beams} beams x {max_new_tokens} new tokens"
+                    f"{f' + {n_prefix} shared prefix' if n_prefix else ''}); raise n_ctx or leave it unset"
+                )
+            if n_batch < slots * beams:
+                raise ConfigError(f"n_batch={n_batch} must be at least slots x beams = {slots * beams}")
+            self._ctx = Context(
+                model,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_seq_max=slots * beams + (1 if prefix_cache else 0),
+                n_threads=n_threads or _default_threads(),
+                flash_attn=flash_attn,
+                kv_type=kv_type,
+            )
+            self._batch = Batch(self._ctx.n_batch)
+            self._scheduler = Scheduler(
+                self._ctx, self._batch, slots, beams, max_new_tokens, length_offset, model.vocab.eos, prefix_ids
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.settings = {
+            "model": str(model.path),
+            "slots": slots,
+            "beams": beams,
+            "max_new_tokens": max_new_tokens,
+            "max_input_tokens": max_input_tokens,
+            "length_offset": length_offset,
+            "template_source": "gguf" if model.meta(defaults.KEY_PROMPT_TEMPLATE) else "default",
+            "n_ctx": self._ctx.n_ctx,
+            "n_batch": self._ctx.n_batch,
+            "n_ubatch": self._ctx.n_ubatch,
+            "n_seq_max": self._ctx.n_seq_max,
+            "n_threads": self._ctx.n_threads,
+            "n_gpu_layers": n_gpu_layers,
+            "gpu": bool(gpu and n_gpu_layers != 0),
+            "flash_attn": flash_attn,
+            "kv_type": kv_type,
+            "prefix_cache": prefix_cache,
+            "prefix_tokens": n_prefix,
+        }
+        self.model_info = {
+            "path": str(model.path),
+            "file_size": model.path.stat().st_size,
+            "file_type": model.file_type,
+            "description": model.description,
+            "n_params": model.n_params,
+            "n_layer": model.n_layer,
+            "source": model.meta(defaults.KEY_SOURCE),
+            "revision": model.meta(defaults.KEY_REVISION),
+            "converter_version": model.meta(defaults.KEY_CONVERTER_VERSION),
+        }
+        self.stats = FuserStats()
+
+    # -- tokens and prompts -------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """llama.cpp's tokenization of ``text`` (special-token text is plain text), BOS first
+        unless ``add_bos`` is False."""
+        return self._open_model().vocab.encode(text, add_bos)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of ``ids`` without special tokens (not stripped)."""
+        return self._open_model().vocab.decode(ids)
+
+    def build_prompt(self, raw: str, synthetic: str) -> Prompt:
+        """The prompt the model sees for one pair (the 256-token rule applied)."""
+        return self._builder.build(raw, synthetic)
+
+    def _open_model(self) -> Model:
+        if self._model is None or self._model._handle is None:
+            raise ModelLoadError("this Fuser is closed")
+        return self._model
+
+    # -- fusing -------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Make a running ``fuse()`` return after its current decode step (safe from a signal
+        handler); rows still in flight are dropped."""
+        self._stop = True
+
+    def fuse(self, pairs: Iterable[tuple[str, str]], *, ordered: bool = True) -> Iterator[FuseResult]:
+        """Fuse (raw, synthetic) pairs; yields one :class:`FuseResult` per pair.
+
+        ``pairs`` is read lazily: one pair is built into a prompt only when a slot (and KV space)
+        is free. ``ordered=True`` yields in input order, holding finished rows until the earlier
+        ones are done (at most about ``slots x (max_new_tokens + prefill steps)`` rows are held);
+        ``ordered=False`` yields rows as they finish.
+        """
+        if self._ctx is None:
+            raise ModelLoadError("this Fuser is closed")
+        if self._running:
+            raise RuntimeError("fuse() is already running on this Fuser; use one Fuser per stream")
+        self._running = True
+        self._stop = False
+        prompts = ((i, self._prompt_of(i, pair)) for i, pair in enumerate(pairs))
+        counters = self._scheduler.counters
+        base_calls, base_tokens = counters.decode_calls, counters.evaluated_tokens
+        held: dict[int, FuseResult] = {}
+        next_index = 0
+        steps = self._scheduler.run(prompts, lambda: self._stop)
+        try:
+            while True:
+                started = time.perf_counter()
+                finished = next(steps, None)
+                result = self._result(finished) if finished is not None else None
+                self.stats.elapsed_s += time.perf_counter() - started
+                self.stats.decode_calls += counters.decode_calls - base_calls
+                self.stats.evaluated_tokens += counters.evaluated_tokens - base_tokens
+                base_calls, base_tokens = counters.decode_calls, counters.evaluated_tokens
+                if result is None:
+                    break
+                if not ordered:
+                    yield result
+                    continue
+                held[result.index] = result
+                while next_index in held:
+                    yield held.pop(next_index)
+                    next_index += 1
+        finally:
+            steps.close()
+            self._running = False
+
+    def _prompt_of(self, index: int, pair: tuple[str, str]) -> Prompt:
+        try:
+            raw, synthetic = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"pair {index} is not a (raw, synthetic) pair of strings: {pair!r}") from None
+        if not isinstance(raw, str) or not isinstance(synthetic, str):
+            raise TypeError(f"pair {index} must hold two strings, got ({type(raw).__name__}, {type(synthetic).__name__})")
+        return self._builder.build(raw, synthetic)
+
+    def _result(self, finished: Finished) -> FuseResult:
+        hyp = finished.hypothesis
+        result = FuseResult(
+            index=finished.index,
+            text=self.detokenize(hyp.tokens).strip(),
+            token_ids=list(hyp.tokens),
+            finish_reason=hyp.finish_reason,
+            prompt_tokens=len(finished.prompt.token_ids),
+            truncated=finished.prompt.truncated,
+        )
+        self.stats.rows += 1
+        self.stats.prompt_tokens += result.prompt_tokens
+        self.stats.generated_tokens += len(result.token_ids)
+        return result
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the batch, context and model (idempotent)."""
+        for handle in (self._batch, self._ctx, self._model):
+            if handle is not None:
+                handle.close()
+        self._batch = self._ctx = self._model = None
+
+    def __enter__(self) -> "Fuser":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def prompt_builder(model: Model) -> PromptBuilder:
+    """The model's :class:`PromptBuilder`: template and budget from its ``capsfuse.*`` metadata
+    (defaults otherwise), llama.cpp's tokenizer with BOS, special-token text kept as text."""
+    template = model.meta(defaults.KEY_PROMPT_TEMPLATE) or defaults.PROMPT_TEMPLATE
+    max_tokens = _Metadata(model).int(defaults.KEY_MAX_INPUT_TOKENS, defaults.MAX_INPUT_TOKENS)
+    return PromptBuilder(model.vocab.encode, model.vocab.decode, template, max_tokens)
+
+
+class PromptPreview:
+    """Builds prompts with a model's tokenizer only (``vocab_only`` load: no weights, no KV cache),
+    for inspecting inputs before fusing."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        self._model = Model(model_path, vocab_only=True)
+        try:
+            self.builder = prompt_builder(self._model)
+        except BaseException:
+            self._model.close()
+            raise
+
+    def build(self, raw: str, synthetic: str) -> Prompt:
+        return self.builder.build(raw, synthetic)
+
+    def close(self) -> None:
+        self._model.close()
+
+    def __enter__(self) -> "PromptPreview":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Metadata:
+    """Typed access to a model's ``capsfuse.*`` metadata."""
+
+    def __init__(self, model: Model):
+        self._model = model
+
+    def int(self, key: str, default: int) -> int:
+        value = self._model.meta(key)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ModelLoadError(
+                f"{self._model.path}: metadata {key}={value!r} is not an integer; re-run `capsfuse-lite convert`"
+            ) from None
