@@ -18,6 +18,7 @@ from capsfuse_lite.cli import app
 from capsfuse_lite.convert import convert_checkpoint, read_gguf_metadata
 from capsfuse_lite.convert.source import read_config
 from capsfuse_lite.convert.spm import load_sentencepiece
+from capsfuse_lite.convert.torchbin import read_torch_checkpoint
 from capsfuse_lite.errors import CheckpointError, ConfigError, HubError, UnsupportedModelError
 
 from checkpoints import make_llama_checkpoint
@@ -164,3 +165,35 @@ def test_cli_convert_and_info(tiny_llama_dir, tmp_path):
     details = json.loads(runner.invoke(app, ["info", str(out), "--json"]).output)
     assert details["capsfuse"][D.KEY_MAX_NEW_TOKENS] == 80 and details["vocab"]["size"] == 32001
     assert isinstance(details["gpu_offload"], bool)
+
+
+def test_strided_and_shared_storage_tensors_read_exactly(ckpt_copy, tiny_gguf_f32, tmp_path):
+    """Views torch.save keeps as (storage, offset, strides) convert to the same bytes as contiguous ones."""
+    import gguf
+    import numpy as np
+    import torch
+
+    shard = next(p for p in sorted(ckpt_copy.glob("pytorch_model-*.bin"))
+                 if any(n.endswith("q_proj.weight") for n in torch.load(p, weights_only=True)))
+    state = torch.load(shard, weights_only=True)
+    q_name = next(n for n in state if n.endswith("self_attn.q_proj.weight"))
+    v_name = q_name.replace("q_proj", "v_proj")
+    q, v = state[q_name], state[v_name]
+    packed = torch.cat([v.flatten(), q.t().flatten()])  # one storage holding both tensors
+    state[v_name] = packed[: v.numel()].view(v.shape)  # offset 0 of a larger storage
+    state[q_name] = packed[v.numel():].view(q.shape[1], q.shape[0]).t()  # at an offset, column-major strides
+    assert not state[q_name].is_contiguous() and torch.equal(state[q_name], q)
+    assert state[q_name].untyped_storage().data_ptr() == state[v_name].untyped_storage().data_ptr()
+    torch.save(state, shard)
+    refs = read_torch_checkpoint(shard)
+    assert refs[q_name].strides == (1, q.shape[1]) and refs[q_name].offset == refs[v_name].offset + v.numel() * 4
+    out = convert_checkpoint(ckpt_copy, tmp_path / "views.gguf", out_type="f32", progress=False)
+    expected = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tiny_gguf_f32).tensors}
+    for tensor in gguf.GGUFReader(out).tensors:
+        np.testing.assert_array_equal(np.asarray(tensor.data), expected[tensor.name], err_msg=tensor.name)
+
+
+def test_cli_progress_bar_renders(tiny_llama_dir, tmp_path):
+    result = CliRunner().invoke(app, ["convert", str(tiny_llama_dir), "-o", str(tmp_path / "p.gguf"), "-t", "f16", "--progress"])
+    assert result.exit_code == 0, result.output
+    assert "21/21 tensors" in result.output
