@@ -19,7 +19,7 @@ from gguf import MODEL_ARCH, MODEL_TENSOR
 from capsfuse_lite.errors import CheckpointError, ConfigError
 
 from .source import Checkpoint, LlamaConfig
-from .tensors import TensorRef
+from .tensors import NUMPY_DTYPES, TensorRef
 
 ARCH = MODEL_ARCH.LLAMA
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
@@ -149,6 +149,8 @@ def plan_tensors(checkpoint: Checkpoint, write_type: str) -> list[TensorPlan]:
             raise CheckpointError(
                 f"{ref.path}: tensor {hf_name} has shape {list(ref.shape)}, config.json implies {list(expected[name])}"
             )
+        if ref.dtype not in NUMPY_DTYPES:
+            raise CheckpointError(f"{ref.path}: tensor {hf_name} is stored as {ref.dtype}; only F32, F16 and BF16 weights are supported")
         heads = 0
         if name.startswith("blk.") and name.endswith(".weight"):
             base = name[: -len(".weight")]

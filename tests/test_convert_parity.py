@@ -108,8 +108,9 @@ def test_q4_k_m_loads_and_generates(tiny_llama_dir, tmp_path, prompt_tokens):
         dict(layout="safetensors", dtype="bfloat16", config_style="current"),
         dict(layout="safetensors-sharded", kv_heads=2, config_style="current"),
         dict(layout="bin", kv_heads=1, dtype="float16", seed=3),
+        dict(layout="bin-sharded", dtype="bfloat16", config_style="current", seed=4),
     ],
-    ids=["bf16-safetensors", "gqa-safetensors-sharded", "mqa-fp16-bin"],
+    ids=["bf16-safetensors", "gqa-safetensors-sharded", "mqa-fp16-bin", "bf16-bin-sharded"],
 )
 def test_other_layouts_f32_logits_match(variant, tmp_path, prompt_tokens):
     folder = make_llama_checkpoint(tmp_path / "ckpt", **variant)
