@@ -139,3 +139,14 @@ def test_tied_embeddings_without_lm_head(tmp_path, prompt_tokens):
     path = convert_checkpoint(folder, tmp_path / "tied.gguf", out_type="f32", progress=False)
     expected = hf_logits(load_hf(folder), prompt_tokens[:1])
     assert max_abs_diff(llama_cpp_logits(path, prompt_tokens[:1]), expected) <= 1e-2
+
+
+@pytest.mark.parametrize("out_type, file_type", [("q4_0", 2), ("q5_k_m", 17), ("q6_k", 18)])
+def test_llama_cpp_quant_types(tiny_llama_dir, tmp_path, out_type, file_type):
+    from capsfuse_lite.convert import read_gguf_metadata
+
+    path = convert_checkpoint(tiny_llama_dir, tmp_path / f"{out_type}.gguf", out_type=out_type, progress=False)
+    meta = read_gguf_metadata(path)
+    assert meta["general.file_type"] == file_type
+    assert meta["capsfuse.num_beams"] == 3 and meta["tokenizer.ggml.padding_token_id"] == 32000
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
