@@ -1,0 +1,606 @@
+"""`capsfuse-lite bench`: the engine against the usual alternatives, on the user's machine.
+
+One process run measures every configuration side by side on the same rows, so ratios stay
+meaningful on a busy machine. Each configuration is loaded, warmed up on a few rows, then timed
+over all rows ``repeats`` (>= 2) times; the report gives the medians. Peak memory is taken per
+configuration: the kernel's high-water mark (VmHWM) is reset before each one and a sampling
+thread records VmRSS (and GPU memory via nvidia-smi when layers are offloaded).
+
+Library entry points: :class:`BenchOptions`, :func:`run_bench` (returns the report dict written
+as JSON), :func:`recommend_slots`, :func:`write_report`, :func:`plot_report`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from . import __version__, defaults
+from .baselines import HF_BASELINE, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline, Pair, RowFigures
+from .errors import CapsfuseError, ConfigError, InputFileError
+
+ENGINE = "capsfuse-lite"
+GPU_ALL_LAYERS = -1  # "all layers" for both the engine and llama_cpp.Llama
+MIN_REPEATS = 2
+# The recommended slot count is the largest before one more step of slots adds less than this.
+SLOTS_GAIN_THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """One measured system: the engine at some slots/beams/prefix cache, or a baseline."""
+
+    system: str  # ENGINE, LOOP_BASELINE or HF_BASELINE
+    device: str  # "cpu" or "gpu"
+    slots: int | None = None
+    beams: int = 1
+    prefix_cache: bool | None = None
+
+    @property
+    def name(self) -> str:
+        if self.system != ENGINE:
+            return f"{self.device} {self.system}"
+        cache = "on" if self.prefix_cache else "off"
+        return f"{self.device} slots={self.slots} beams={self.beams} cache={cache}"
+
+
+@dataclass
+class BenchOptions:
+    model: Path
+    pairs: list[Pair]
+    slots: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
+    beams: list[int] = field(default_factory=lambda: [1, 3])
+    prefix_cache: list[bool] = field(default_factory=lambda: [True])
+    max_new_tokens: int | None = None  # None: the GGUF's capsfuse.max_new_tokens (upstream 80)
+    baselines: list[str] = field(default_factory=lambda: [LOOP_BASELINE])
+    hf_checkpoint: Path | None = None
+    hf_dtype: str = "auto"
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    repeats: int = MIN_REPEATS
+    warmup_rows: int | None = None  # None: one full round of slots (at least 2 rows)
+    input_label: str = "sample captions"
+
+    def validate(self) -> None:
+        if not self.pairs:
+            raise ConfigError("the benchmark needs at least one row; check --input and --rows")
+        if self.repeats < MIN_REPEATS:
+            raise ConfigError(f"--repeats {self.repeats}: each configuration is measured at least {MIN_REPEATS} times")
+        for name, values in (("--slots", self.slots), ("--beams", self.beams)):
+            if not values or any(v < 1 for v in values):
+                raise ConfigError(f"{name}: give positive integers, e.g. {name} 1,4,8")
+        unknown = set(self.baselines) - {LOOP_BASELINE, HF_BASELINE}
+        if unknown:
+            raise ConfigError(f"--baselines {','.join(sorted(unknown))}: known baselines are {LOOP_BASELINE}, {HF_BASELINE}")
+        if HF_BASELINE in self.baselines and self.hf_checkpoint is None:
+            raise ConfigError(f"the {HF_BASELINE} baseline needs --hf-checkpoint FOLDER (the HF checkpoint the GGUF came from)")
+        if self.n_threads < 1:
+            raise ConfigError(f"--threads {self.n_threads}: give at least 1")
+
+
+def plan_configs(opts: BenchOptions) -> list[ConfigSpec]:
+    """Baselines first, then the engine grid, per device (all in one process run)."""
+    plan: list[ConfigSpec] = []
+    for device in opts.devices:
+        for base in opts.baselines:
+            plan.append(ConfigSpec(base, device, beams=3 if base == HF_BASELINE else 1))
+        for beams in opts.beams:
+            for cache in opts.prefix_cache:
+                for slots in sorted(opts.slots):
+                    plan.append(ConfigSpec(ENGINE, device, slots=slots, beams=beams, prefix_cache=cache))
+    return plan
+
+
+SAMPLE_FILE = "capsfusion_sample.json"
+
+
+def sample_captions_path() -> Path:
+    """The 47 upstream sample rows: package data when installed, tests/fixtures in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "data" / SAMPLE_FILE, here.parent / "tests" / "fixtures" / SAMPLE_FILE):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("the sample captions are not part of this installation; pass --input FILE")
+
+
+def repeat_to(pairs: list[Pair], rows: int | None) -> list[Pair]:
+    """The first ``rows`` rows of ``pairs`` repeated as often as needed (all once when None)."""
+    if not pairs:
+        raise ConfigError("the input has no rows")
+    if rows is None:
+        return list(pairs)
+    if rows < 1:
+        raise ConfigError(f"--rows {rows}: give at least 1")
+    return [pairs[i % len(pairs)] for i in range(rows)]
+
+
+def load_pairs(path: str | Path | None = None, *, limit: int | None = None) -> list[Pair]:
+    """(raw, synthetic) caption pairs of a caption file (the sample captions when ``path`` is None).
+
+    Rows without both caption fields are skipped; ``limit`` stops reading early.
+    """
+    from .records import open_reader
+
+    path = Path(path) if path is not None else sample_captions_path()
+    raw_f, syn_f = defaults.RAW_FIELD, defaults.SYNTHETIC_FIELD
+    pairs: list[Pair] = []
+    for _, row in open_reader(path).rows(columns=[raw_f, syn_f]):
+        raw, syn = row.get(raw_f), row.get(syn_f)
+        if isinstance(raw, str) and isinstance(syn, str):
+            pairs.append((raw, syn))
+            if limit is not None and len(pairs) >= limit:
+                break
+    if not pairs:
+        raise InputFileError(f"{path}: no row has both {raw_f!r} and {syn_f!r} as text")
+    return pairs
+
+
+_MIB = 1024 * 1024
+
+
+def _proc_status_kib(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status in KiB ({} where there is no /proc)."""
+    out = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in keys:
+                    out[name] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's VmHWM to the current RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _gpu_memory_mib() -> tuple[float, str] | None:
+    """GPU memory held by this process (or, where nvidia-smi cannot see our pid, all GPUs' use)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        apps = subprocess.run(
+            [exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout
+        mine = [float(p[1]) for p in (l.split(",") for l in apps.splitlines()) if len(p) == 2 and p[0].strip() == str(os.getpid())]
+        if mine:
+            return sum(mine), "process"
+        total = subprocess.run(
+            [exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout
+        return sum(float(v) for v in total.split()), "device"
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+class PeakMemory:
+    """Peak RSS (and GPU memory) of the process while the ``with`` block runs.
+
+    The kernel's high-water mark is reset on entry, so the peak belongs to this block, and a
+    thread samples VmRSS every ``interval`` seconds as a cross-check (and where the reset is not
+    available). GPU memory is sampled with nvidia-smi when ``gpu`` is true; "device" scope
+    means the whole card's use minus what it used on entry.
+    """
+
+    def __init__(self, gpu: bool = False, interval: float = 0.05, gpu_interval: float = 0.5):
+        self.gpu, self.interval, self.gpu_interval = gpu, interval, gpu_interval
+        self._stop = threading.Event()
+        self._rss_max_kib = 0
+        self._gpu_max: float | None = None
+        self._gpu_base = 0.0
+        self._gpu_scope: str | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        self._hwm_reset = _reset_peak_rss()
+        self._rss_max_kib = _proc_status_kib("VmRSS").get("VmRSS", 0)
+        if self.gpu:
+            first = _gpu_memory_mib()
+            if first is not None:
+                self._gpu_scope = first[1]
+                self._gpu_base = first[0] if first[1] == "device" else 0.0
+        self._thread = threading.Thread(target=self._sample, name="bench-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        next_gpu = 0.0
+        while True:
+            rss = _proc_status_kib("VmRSS").get("VmRSS", 0)
+            self._rss_max_kib = max(self._rss_max_kib, rss)
+            if self._gpu_scope is not None and time.monotonic() >= next_gpu:
+                got = _gpu_memory_mib()
+                if got is not None:
+                    used = got[0] - self._gpu_base
+                    self._gpu_max = used if self._gpu_max is None else max(self._gpu_max, used)
+                next_gpu = time.monotonic() + self.gpu_interval
+            if self._stop.wait(self.interval):
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        status = _proc_status_kib("VmHWM", "VmRSS")
+        self._rss_max_kib = max(self._rss_max_kib, status.get("VmRSS", 0))
+        if self._hwm_reset:
+            self._rss_max_kib = max(self._rss_max_kib, status.get("VmHWM", 0))
+
+    def figures(self) -> dict:
+        if self._rss_max_kib:
+            rss, scope = self._rss_max_kib / 1024, "configuration" if self._hwm_reset else "sampled"
+        else:  # no /proc: the process's lifetime peak is all there is
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss, scope = (peak / _MIB if platform.system() == "Darwin" else peak / 1024), "process"
+        return {
+            "peak_rss_mib": round(rss, 1),
+            "peak_rss_scope": scope,
+            "peak_gpu_mib": None if self._gpu_max is None else round(self._gpu_max, 1),
+            "peak_gpu_scope": self._gpu_scope,
+        }
+
+
+def _busy_cpu_s() -> float | None:
+    """Seconds all CPUs spent busy since boot (/proc/stat), None where unavailable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user..steal, without guest (already in user)
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class CpuLoadMeter:
+    """How many cores other processes kept busy during the block: the noise indicator."""
+
+    foreign_load: float | None = None
+
+    def __enter__(self) -> "CpuLoadMeter":
+        self._busy0, self._own0, self._t0 = _busy_cpu_s(), _own_cpu_s(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy1, wall = _busy_cpu_s(), time.monotonic() - self._t0
+        if self._busy0 is None or busy1 is None or wall <= 0:
+            return
+        others = (busy1 - self._busy0) - (_own_cpu_s() - self._own0)
+        self.foreign_load = round(max(0.0, others / wall), 2)
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def machine_info() -> dict:
+    """Where the figures were taken: CPU, cores, memory, llama.cpp build, GPUs."""
+    info: dict = {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    except OSError:
+        pass
+    mem = _proc_meminfo_kib("MemTotal")
+    if mem:
+        info["memory_gib"] = round(mem / 1024 / 1024, 1)
+    info["python"] = platform.python_version()
+    try:
+        import llama_cpp
+
+        info["llama_cpp_python"] = llama_cpp.__version__
+        info["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
+        info["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except ImportError:
+        info["gpu_offload"] = False
+    exe = shutil.which("nvidia-smi")
+    if exe:
+        try:
+            out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            info["gpus"] = [l.strip() for l in out.splitlines() if l.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def _proc_meminfo_kib(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class FuserRunner:
+    """The engine under test, in the runner shape of :mod:`capsfuse_lite.baselines`."""
+
+    def __init__(self, model: Path, spec: ConfigSpec, *, max_new_tokens: int, n_threads: int) -> None:
+        self.model, self.spec = model, spec
+        self.max_new_tokens, self.n_threads = max_new_tokens, n_threads
+        self._fuser = None
+
+    def load(self) -> None:
+        from .engine import Fuser
+
+        self._fuser = Fuser(
+            self.model,
+            slots=self.spec.slots,
+            beams=self.spec.beams,
+            max_new_tokens=self.max_new_tokens,
+            n_gpu_layers=GPU_ALL_LAYERS if self.spec.device == "gpu" else 0,
+            n_threads=self.n_threads,
+            prefix_cache=bool(self.spec.prefix_cache),
+        )
+
+    def run(self, pairs: Iterable[Pair]) -> Iterator[RowFigures]:
+        for res in self._fuser.fuse(pairs, ordered=True):
+            yield RowFigures(res.prompt_tokens, len(res.token_ids))
+
+    def describe(self) -> dict:
+        return dict(self._fuser.settings) if self._fuser is not None else {}
+
+    def close(self) -> None:
+        if self._fuser is not None:
+            self._fuser.close()
+            self._fuser = None
+
+
+def make_runner(opts: BenchOptions, spec: ConfigSpec, max_new_tokens: int):
+    if spec.system == ENGINE:
+        return FuserRunner(opts.model, spec, max_new_tokens=max_new_tokens, n_threads=opts.n_threads)
+    if spec.system == LOOP_BASELINE:
+        return LlamaLoopBaseline(
+            opts.model,
+            max_new_tokens=max_new_tokens,
+            n_threads=opts.n_threads,
+            n_gpu_layers=GPU_ALL_LAYERS if spec.device == "gpu" else 0,
+        )
+    return HFUpstreamBaseline(
+        opts.hf_checkpoint, max_new_tokens=max_new_tokens, n_threads=opts.n_threads,
+        device=spec.device, dtype=opts.hf_dtype,
+    )
+
+
+@dataclass
+class RunFigures:
+    """One timed pass over all rows."""
+
+    elapsed_s: float
+    first_result_s: float
+    rows: int
+    prompt_tokens: int
+    generated_tokens: int
+    foreign_cpu_load: float | None = None  # cores other processes kept busy meanwhile
+
+
+def time_run(runner, pairs: list[Pair]) -> RunFigures:
+    """Run all rows once; the clock covers the whole iterator, first result included."""
+    rows = prompt = generated = 0
+    first = None
+    with CpuLoadMeter() as load:
+        start = time.perf_counter()
+        for fig in runner.run(pairs):
+            if first is None:
+                first = time.perf_counter() - start
+            rows += 1
+            prompt += fig.prompt_tokens
+            generated += fig.generated_tokens
+        elapsed = time.perf_counter() - start
+    return RunFigures(elapsed, first if first is not None else elapsed, rows, prompt, generated, load.foreign_load)
+
+
+def summarize(runs: list[RunFigures]) -> dict:
+    """Medians over the repeats; every rate is a median count over the median elapsed time."""
+    med = statistics.median
+    elapsed = med(r.elapsed_s for r in runs)
+    rows = med(r.rows for r in runs)
+    prompt = med(r.prompt_tokens for r in runs)
+    generated = med(r.generated_tokens for r in runs)
+    return {
+        "elapsed_s": elapsed,
+        "rows": rows,
+        "prompt_tokens": prompt,
+        "generated_tokens": generated,
+        "rows_per_s": rows / elapsed,
+        "generated_tokens_per_s": generated / elapsed,
+        "prompt_tokens_per_s": prompt / elapsed,
+        "time_to_first_result_s": med(r.first_result_s for r in runs),
+    }
+
+
+def measure_config(opts: BenchOptions, spec: ConfigSpec, max_new_tokens: int) -> dict:
+    """Load, warm up and time one configuration; its memory peaks are its own."""
+    result: dict = {"name": spec.name, **asdict(spec), "status": "ok"}
+    gc.collect()
+    runner = make_runner(opts, spec, max_new_tokens)
+    with PeakMemory(gpu=spec.device == "gpu") as mem, CpuLoadMeter() as load:
+        try:
+            t0 = time.perf_counter()
+            runner.load()
+            result["load_s"] = time.perf_counter() - t0
+            warm = opts.warmup_rows if opts.warmup_rows is not None else max(2, spec.slots or 1)
+            warm_pairs = opts.pairs[: max(1, min(warm, len(opts.pairs)))]
+            result["warmup_rows"] = len(warm_pairs)
+            for _ in runner.run(warm_pairs):
+                pass
+            runs = [time_run(runner, opts.pairs) for _ in range(opts.repeats)]
+            result["settings"] = runner.describe()
+        except (CapsfuseError, MemoryError) as exc:
+            # A context that does not fit (too many slots for the memory) ends this config only.
+            result.update(status="failed", error=str(exc) or type(exc).__name__)
+            runs = []
+        finally:
+            runner.close()
+    result["runs"] = [asdict(r) for r in runs]
+    if runs:
+        result.update(summarize(runs))
+    result.update(mem.figures())
+    result["foreign_cpu_load"] = load.foreign_load
+    return result
+
+
+def add_ratios(results: list[dict]) -> None:
+    """ratio_<baseline> = rows/s of a configuration over the baseline's rows/s on the same device."""
+    base = {(r["device"], r["system"]): r for r in results if r["system"] != ENGINE and r["status"] == "ok"}
+    for r in results:
+        r["ratios"] = {}
+        if r["status"] != "ok":
+            continue
+        for (device, system), b in base.items():
+            if device == r["device"] and system != r["system"]:
+                r["ratios"][system] = r["rows_per_s"] / b["rows_per_s"]
+
+
+def recommend_slots(results: list[dict], threshold: float = SLOTS_GAIN_THRESHOLD) -> list[dict]:
+    """Per device and beam count: the largest slot count before throughput stops rising.
+
+    Walking the measured slot counts upwards (prefix cache on when it was measured), the count
+    is kept while the next one is at least ``threshold`` faster; a configuration that failed
+    (memory ran out) stops the walk.
+    """
+    recs = []
+    engine = [r for r in results if r["system"] == ENGINE]
+    for device in sorted({r["device"] for r in engine}):
+        for beams in sorted({r["beams"] for r in engine if r["device"] == device}):
+            group = [r for r in engine if r["device"] == device and r["beams"] == beams]
+            cache = any(r["prefix_cache"] for r in group)
+            group = sorted((r for r in group if r["prefix_cache"] == cache), key=lambda r: r["slots"])
+            best, reason = None, "largest slot count measured"
+            for r in group:
+                if r["status"] != "ok":
+                    reason = f"slots={r['slots']} failed: {r.get('error', '')}"
+                    break
+                if best is not None and r["rows_per_s"] < best["rows_per_s"] * (1 + threshold):
+                    reason = f"slots={r['slots']} adds less than {threshold:.0%} rows/s"
+                    break
+                best = r
+            if best is not None:
+                recs.append({
+                    "device": device, "beams": beams, "prefix_cache": cache, "slots": best["slots"],
+                    "rows_per_s": best["rows_per_s"], "reason": reason,
+                })
+    return recs
+
+
+def resolve_max_new_tokens(model: Path, requested: int | None) -> int:
+    """The bench's token budget: the option, else the GGUF's capsfuse.max_new_tokens (upstream 80)."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--max-new-tokens {requested}: give at least 1")
+        return requested
+    from .models import gguf_defaults
+
+    return gguf_defaults(model)["max_new_tokens"]
+
+
+def _model_info(model: Path) -> dict:
+    from .models import gguf_defaults
+
+    return {"path": str(model), "size_bytes": model.stat().st_size, "quant": gguf_defaults(model)["quant"]}
+
+
+def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure every configuration of ``opts`` and return the report (see benchmarks/README.md)."""
+    opts.validate()
+    if not Path(opts.model).is_file():
+        raise ConfigError(f"--model {opts.model}: no such file; give a GGUF made by `capsfuse-lite convert`")
+    max_new = resolve_max_new_tokens(Path(opts.model), opts.max_new_tokens)
+    report: dict = {
+        "capsfuse_lite_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": _model_info(Path(opts.model)),
+        "settings": {
+            "input": opts.input_label, "rows": len(opts.pairs), "max_new_tokens": max_new,
+            "n_threads": opts.n_threads, "repeats": opts.repeats, "warmup_rows": opts.warmup_rows,
+            "slots": sorted(opts.slots), "beams": opts.beams, "prefix_cache": opts.prefix_cache,
+            "devices": opts.devices, "baselines": opts.baselines,
+        },
+        "machine": machine_info(),
+        "load_average_start": list(os.getloadavg()),
+    }
+    results = []
+    plan = plan_configs(opts)
+    for i, spec in enumerate(plan, 1):
+        if progress:
+            progress(f"[{i}/{len(plan)}] {spec.name}")
+        results.append(measure_config(opts, spec, max_new))
+    add_ratios(results)
+    report["load_average_end"] = list(os.getloadavg())
+    report["results"] = results
+    report["recommended_slots"] = recommend_slots(results)
+    engine_info = next((r.get("settings") for r in results if r["system"] == ENGINE and r.get("settings")), None)
+    if engine_info:
+        report["engine_settings_example"] = engine_info
+    report["machine"]["platform"] = platform.platform()
+    return report
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def plot_report(report: dict, path: str | Path) -> Path | None:
+    """Rows/s against slots per device/beams/cache, baselines as dashed lines; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    results = [r for r in report["results"] if r["status"] == "ok"]
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        if r["system"] == ENGINE:
+            key = f"{r['device']} beams={r['beams']} cache={'on' if r['prefix_cache'] else 'off'}"
+            series.setdefault(key, []).append((r["slots"], r["rows_per_s"]))
+    for key, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    for i, r in enumerate(r for r in results if r["system"] != ENGINE):
+        ax.axhline(r["rows_per_s"], linestyle="--", color=f"C{(len(series) + i) % 10}", label=r["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("slots (sequences decoded together)")
+    ax.set_ylabel("rows/s")
+    s = report["settings"]
+    ax.set_title(f"{Path(report['model']['path']).name}: {s['rows']} rows, {s['max_new_tokens']} new tokens")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,143 @@
+"""`capsfuse-lite bench` on the tiny fixture model: the report's figures agree with each other.
+
+No timing thresholds here (speed claims live in benchmarks/); these tests check that every rate
+is the count over the time it was measured in, ratios come from the figures, memory peaks are
+attributed per configuration and the command writes what it says.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from typer.testing import CliRunner
+
+from capsfuse_lite import bench
+from capsfuse_lite.baselines import HF_BASELINE, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline
+from capsfuse_lite.bench import ENGINE, BenchOptions, recommend_slots, repeat_to, run_bench, summarize
+from capsfuse_lite.cli import app
+from capsfuse_lite.errors import ConfigError
+
+MAX_NEW = 4
+
+
+@pytest.fixture(scope="module")
+def pairs(sample_rows):
+    return repeat_to([(r["laion_2b"], r["laion_coco"]) for r in sample_rows[:5]], 6)
+
+
+@pytest.fixture(scope="module")
+def report(tiny_gguf_q8, pairs):
+    opts = BenchOptions(model=tiny_gguf_q8, pairs=pairs, slots=[1, 2], beams=[1], max_new_tokens=MAX_NEW,
+                        baselines=[LOOP_BASELINE], n_threads=2, repeats=2, warmup_rows=1)
+    return run_bench(opts)
+
+
+def test_report_rates_are_counts_over_median_time(report, pairs):
+    results = report["results"]
+    assert [r["name"] for r in results] == [
+        f"cpu {LOOP_BASELINE}", "cpu slots=1 beams=1 cache=on", "cpu slots=2 beams=1 cache=on"]
+    for r in results:
+        assert r["status"] == "ok" and len(r["runs"]) == 2
+        assert all(run["rows"] == len(pairs) for run in r["runs"])
+        assert r["elapsed_s"] == pytest.approx(statistics.median(run["elapsed_s"] for run in r["runs"]))
+        assert r["rows_per_s"] == pytest.approx(r["rows"] / r["elapsed_s"])
+        assert r["generated_tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["elapsed_s"])
+        assert r["prompt_tokens_per_s"] == pytest.approx(r["prompt_tokens"] / r["elapsed_s"])
+        assert 0 < r["time_to_first_result_s"] <= max(run["elapsed_s"] for run in r["runs"])
+        assert 0 < r["generated_tokens"] <= MAX_NEW * len(pairs)
+        assert r["peak_rss_mib"] > 0 and r["peak_rss_scope"] == "configuration"
+        assert r["warmup_rows"] == 1
+
+
+def test_every_system_reads_the_same_prompts(report):
+    prompt_tokens = {r["prompt_tokens"] for r in report["results"]}
+    assert len(prompt_tokens) == 1, "engine and baseline must be given identical prompts"
+
+
+def test_ratios_come_from_the_figures(report):
+    loop, *engine = report["results"]
+    assert loop["ratios"] == {}
+    for r in engine:
+        assert r["ratios"][LOOP_BASELINE] == pytest.approx(r["rows_per_s"] / loop["rows_per_s"])
+    rec = report["recommended_slots"]
+    assert [(x["device"], x["beams"]) for x in rec] == [("cpu", 1)] and rec[0]["slots"] in (1, 2)
+    assert report["settings"]["max_new_tokens"] == MAX_NEW and report["settings"]["rows"] == 6
+    json.dumps(report)  # plain JSON all the way down
+
+
+def _fake(slots, rate, status="ok", beams=1, cache=True, device="cpu"):
+    return {"system": ENGINE, "device": device, "slots": slots, "beams": beams, "prefix_cache": cache,
+            "status": status, "rows_per_s": rate, "error": "out of memory"}
+
+
+def test_recommend_slots_stops_where_throughput_stops_rising():
+    rising_then_flat = [_fake(1, 1.0), _fake(4, 3.0), _fake(8, 4.0), _fake(16, 4.1), _fake(32, 6.0)]
+    assert recommend_slots(rising_then_flat)[0]["slots"] == 8
+    oom = [_fake(1, 1.0), _fake(8, 4.0), _fake(16, 0.0, status="failed")]
+    (rec,) = recommend_slots(oom)
+    assert rec["slots"] == 8 and "failed" in rec["reason"]
+    cache_off_ignored = [_fake(1, 1.0), _fake(8, 2.0), _fake(8, 9.0, cache=False)]
+    assert recommend_slots(cache_off_ignored)[0]["slots"] == 8
+    per_beams = recommend_slots([_fake(1, 1.0), _fake(4, 2.0), _fake(1, 0.5, beams=3), _fake(4, 0.51, beams=3)])
+    assert [(r["beams"], r["slots"]) for r in per_beams] == [(1, 4), (3, 1)]
+
+
+def test_summarize_takes_medians():
+    runs = [bench.RunFigures(2.0, 0.5, 10, 100, 40), bench.RunFigures(4.0, 0.7, 10, 100, 40),
+            bench.RunFigures(3.0, 0.6, 10, 100, 40)]
+    s = summarize(runs)
+    assert s["elapsed_s"] == 3.0 and s["rows_per_s"] == pytest.approx(10 / 3)
+    assert s["time_to_first_result_s"] == 0.6
+
+
+def test_options_are_checked(tiny_gguf_q8, pairs):
+    with pytest.raises(ConfigError, match="at least 2"):
+        BenchOptions(model=tiny_gguf_q8, pairs=pairs, repeats=1).validate()
+    with pytest.raises(ConfigError, match="--hf-checkpoint"):
+        BenchOptions(model=tiny_gguf_q8, pairs=pairs, baselines=[HF_BASELINE]).validate()
+    with pytest.raises(ConfigError, match="--slots"):
+        BenchOptions(model=tiny_gguf_q8, pairs=pairs, slots=[0]).validate()
+
+
+def test_hf_upstream_and_loop_see_the_same_rows(tiny_llama_dir, tiny_gguf_f32, pairs):
+    hf = HFUpstreamBaseline(tiny_llama_dir, max_new_tokens=3, n_threads=2, dtype="float32")
+    loop = LlamaLoopBaseline(tiny_gguf_f32, max_new_tokens=3, n_threads=2)
+    try:
+        hf.load()
+        loop.load()
+        hf_rows, loop_rows = list(hf.run(pairs[:5])), list(loop.run(pairs[:5]))  # 5 = a full and a partial batch
+    finally:
+        hf.close()
+        loop.close()
+    assert [r.prompt_tokens for r in hf_rows] == [r.prompt_tokens for r in loop_rows]
+    assert all(1 <= r.generated_tokens <= 3 for r in hf_rows + loop_rows)
+    d = hf.describe()
+    assert (d["batch_size"], d["pad_to"], d["num_beams"]) == (4, 256, 3)
+
+
+def test_bench_command_writes_report_and_refuses_to_overwrite(tiny_gguf_q8, tmp_path):
+    out = tmp_path / "report.json"
+    args = ["bench", "-m", str(tiny_gguf_q8), "--rows", "3", "--slots", "2", "--beams", "1",
+            "--max-new-tokens", "2", "--baselines", "none", "--device", "cpu", "--threads", "2",
+            "--warmup-rows", "1", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["results"]] == ["cpu slots=2 beams=1 cache=on"]
+    assert "slots=2" in result.output
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not out.with_suffix(".png").exists()
+    else:
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_input_file_rows_are_repeated(tmp_path):
+    src = tmp_path / "captions.jsonl"
+    src.write_text('{"laion_2b": "a", "laion_coco": "b"}\n{"laion_2b": "c"}\n{"laion_2b": "d", "laion_coco": "e"}\n')
+    assert repeat_to(bench.load_pairs(src), 5) == [("a", "b"), ("d", "e"), ("a", "b"), ("d", "e"), ("a", "b")]
