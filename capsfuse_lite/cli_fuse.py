@@ -53,7 +53,10 @@ class _StopOnSignal:
         self.signum = signum
         self.run.request_stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
-        self.notify("stopping after the current decode step (Ctrl-C again to abort) ...")
+        try:
+            self.notify("stopping after the current decode step (Ctrl-C again to abort) ...")
+        except RuntimeError:  # the signal interrupted a write to the same stream
+            pass
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():

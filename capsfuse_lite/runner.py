@@ -247,6 +247,10 @@ class FuseRun:
             jpath.unlink(missing_ok=True)
         elif cfg.resume and not jpath.exists():
             self.progress.note(f"no journal at {jpath}: starting from the first row")
+        replaced = [c for c in (cfg.output_field, FINISH_COLUMN, STATUS_COLUMN, ERROR_COLUMN) if c in self.layout.columns]
+        if replaced:
+            self.progress.note(f"note: input column(s) {', '.join(map(repr, replaced))} are replaced in the output "
+                               "(--output-field names the fused caption's column)")
         fingerprint = self.fingerprint(model_path)
         summary = RunSummary(output=cfg.output, complete=False)
         selected = self.selected

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 from fake_fuser import FakeFactory, fake_caption
+from rich.console import Console
 
 from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError
 from capsfuse_lite.journal import journal_path
+from capsfuse_lite.progress import LogProgress, Progress, print_summary
 from capsfuse_lite.records import read_all
 from capsfuse_lite.runner import FuseConfig, FuseRun, meta_path, parse_shard, run_fuse
 from capsfuse_lite.shards import merge_shards
@@ -204,3 +207,35 @@ def test_config_errors(tmp_path, rows):
     for bad in ("4/4", "1", "a/b", "0/0"):
         with pytest.raises(ConfigError, match="--shard"):
             parse_shard(bad)
+
+
+class Recorder(Progress):
+    def __init__(self):
+        super().__init__()
+        self.notes = []
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def test_an_existing_output_column_is_replaced_with_a_note(tmp_path, sample_rows):
+    rows = [dict(r, capsfusion=r["capsfuion_official"]) for r in sample_rows[:5]]
+    progress = Recorder()
+    summary = run_fuse(config(tmp_path, rows), progress=progress, fuser_factory=FakeFactory())
+    assert any("'capsfusion' are replaced" in n for n in progress.notes)
+    assert progress.done == summary.rows_total == 5
+    assert [r["capsfusion"] for r in read_all(tmp_path / "out.jsonl")] == [r["capsfusion"] for r in expected(sample_rows[:5])]
+
+
+def test_plain_log_lines_and_summary_table(tmp_path, rows):
+    stream = io.StringIO()
+    progress = LogProgress(stream, interval=0.0)
+    summary = run_fuse(config(tmp_path, rows, limit=10), progress=progress, fuser_factory=FakeFactory())
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "fusing: 10 rows" and any("loading" in line for line in lines)
+    assert lines[-2].startswith("fusing: 10/10 rows (100.0%), ") and "rows/s" in lines[-2] and "ETA 0:00" in lines[-2]
+    console = Console(file=io.StringIO(), width=120)
+    print_summary(summary, console)
+    table = console.file.getvalue()
+    for label in ("fused", "skipped", "truncated prompts", "cut at token limit", "wall time", "throughput", "beams=3"):
+        assert label in table
