@@ -69,9 +69,14 @@ def top_candidates(logits: np.ndarray, beam_logprobs: np.ndarray, k: int) -> lis
     k_row = min(k, vocab)
     peak = logits.max(axis=1, keepdims=True)
     log_norm = peak[:, 0].astype(np.float64) + np.log(np.exp(logits - peak).sum(axis=1, dtype=np.float64))
-    part = np.argpartition(logits, vocab - k_row, axis=1)[:, vocab - k_row :]
+    # per row, the k_row largest logits; at the boundary, equal logits go to the lowest token ids
+    kth = np.partition(logits, vocab - k_row, axis=1)[:, vocab - k_row]
+    tokens = np.empty(n_beams * k_row, dtype=np.int64)
+    for b in range(n_beams):
+        above = np.flatnonzero(logits[b] > kth[b])
+        tied = np.flatnonzero(logits[b] == kth[b])[: k_row - len(above)]
+        tokens[b * k_row : (b + 1) * k_row] = np.concatenate((above, tied))
     beams = np.repeat(np.arange(n_beams), k_row)
-    tokens = part.reshape(-1)
     values = logits[beams, tokens].astype(np.float64) - log_norm[beams] + np.asarray(beam_logprobs, dtype=np.float64)[beams]
     order = np.lexsort((beams * vocab + tokens, -values))[:k]
     return [(float(values[i]), int(beams[i]), int(tokens[i])) for i in order]
