@@ -190,6 +190,7 @@ class Fuser:
             "description": model.description,
             "n_params": model.n_params,
             "n_layer": model.n_layer,
+            "n_ctx_train": model.n_ctx_train,
             "source": model.meta(defaults.KEY_SOURCE),
             "revision": model.meta(defaults.KEY_REVISION),
             "converter_version": model.meta(defaults.KEY_CONVERTER_VERSION),
@@ -220,7 +221,8 @@ class Fuser:
 
     def request_stop(self) -> None:
         """Make a running ``fuse()`` return after its current decode step (safe from a signal
-        handler); rows still in flight are dropped."""
+        handler). Rows still in flight are dropped, and with ``ordered=True`` so are finished rows
+        waiting for an earlier one; the next ``fuse()`` starts clean."""
         self._stop = True
 
     def fuse(self, pairs: Iterable[tuple[str, str]], *, ordered: bool = True) -> Iterator[FuseResult]:

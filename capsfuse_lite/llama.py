@@ -157,13 +157,6 @@ class Vocab:
         tokens (e.g. ``[PAD]``) as nothing. Invalid UTF-8 becomes U+FFFD."""
         return self.detokenize_bytes(ids, remove_special, unparse_special).decode("utf-8", errors="replace")
 
-    def piece(self, token: int, special: bool = True) -> str:
-        """The text piece of one token (for diagnostics)."""
-        self._model._check_open()
-        return _read_string(
-            lambda buf, size: self._lib.llama_token_to_piece(self._handle, token, buf, size, 0, special)
-        ) or ""
-
 
 class Model:
     """A GGUF loaded by llama.cpp (``llama_model_load_from_file``)."""
@@ -196,16 +189,6 @@ class Model:
         """A scalar GGUF metadata value as a string (``llama_model_meta_val_str``), None if absent."""
         self._check_open()
         return _read_string(self._lib.llama_model_meta_val_str, self._handle, key.encode())
-
-    def metadata(self) -> dict[str, str]:
-        """All scalar GGUF metadata (arrays are summarised by llama.cpp)."""
-        self._check_open()
-        out = {}
-        for i in range(int(self._lib.llama_model_meta_count(self._handle))):
-            key = _read_string(self._lib.llama_model_meta_key_by_index, self._handle, i)
-            if key is not None:
-                out[key] = _read_string(self._lib.llama_model_meta_val_str_by_index, self._handle, i)
-        return out
 
     @property
     def description(self) -> str:
@@ -343,6 +326,8 @@ class Context:
         self._handle = None
         if kv_type not in KV_TYPES:
             raise ConfigError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        if kv_type not in ("f32", "f16", "bf16") and flash_attn is False:
+            raise ConfigError(f"kv_type={kv_type} (a quantized KV cache) needs flash attention; leave flash_attn unset or True")
         if n_seq_max > max_parallel_sequences():
             raise ConfigError(
                 f"{n_seq_max} parallel sequences (slots x beams, plus one for the shared prefix) exceed this "
@@ -365,10 +350,10 @@ class Context:
         params.no_perf = True
         handle = lib.llama_init_from_model(model._handle, params)
         if not handle:
-            hint = " (a quantized kv_type needs flash attention)" if kv_type not in ("f32", "f16", "bf16") else ""
             raise ModelLoadError(
                 f"llama.cpp could not create a context for {model.path} with n_ctx={n_ctx}, "
-                f"n_seq_max={n_seq_max}, kv_type={kv_type}{hint}: out of memory or unsupported setting"
+                f"n_seq_max={n_seq_max}, kv_type={kv_type}: out of memory or a setting this model does not "
+                "support (llama.cpp's error line above says which)"
             )
         self._handle = handle
         self._memory = lib.llama_get_memory(handle)

@@ -20,6 +20,11 @@ The rule implemented here keeps upstream's intent without those bugs:
 3. Only if the raw caption is empty and the prompt still does not fit, the synthetic caption is
    trimmed the same way.
 4. If even the bare template does not fit, :class:`~capsfuse_lite.errors.ConfigError`.
+
+Token ids are llama.cpp's SentencePiece tokenization with BOS (equal to ``sentencepiece``'s, as the
+tests check). One deliberate difference from upstream's HF slow ``LlamaTokenizer``: text such as
+``</s>`` or ``<s>`` inside a caption stays text, where the HF tokenizer turned it into the special
+token (a web alt-text cannot end the prompt early).
 """
 
 from __future__ import annotations

@@ -179,6 +179,20 @@ def test_settings_default_from_gguf_metadata(tiny_gguf_f32, caplog):
         assert not settings["gpu"] and settings["n_gpu_layers"] == 0 and len(notices) == 1
 
 
+def test_quantized_kv_cache(tmp_path, pairs):
+    """kv_type q8_0 (flash attention on) runs; it needs a head size that is a multiple of 32."""
+    from checkpoints import make_llama_checkpoint
+
+    from capsfuse_lite.convert import convert_checkpoint
+
+    folder = make_llama_checkpoint(tmp_path / "head32", hidden=128, intermediate=344, heads=4, layout="safetensors")
+    gguf = convert_checkpoint(folder, tmp_path / "head32.gguf", out_type="f32", progress=False)
+    with Fuser(gguf, slots=4, beams=1, max_new_tokens=8, kv_type="q8_0", flash_attn=True, n_threads=1) as fuser:
+        results = list(fuser.fuse(pairs[:6]))
+    assert [r.index for r in results] == list(range(6))
+    assert all(r.token_ids and r.finish_reason in ("eos", "length") for r in results)
+
+
 def test_user_errors(tiny_gguf_f32, tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         Fuser(tmp_path / "missing.gguf")
@@ -191,6 +205,8 @@ def test_user_errors(tiny_gguf_f32, tmp_path):
         Fuser(tiny_gguf_f32, slots=8, beams=3, n_batch=16)
     with pytest.raises(ConfigError, match="kv_type"):
         Fuser(tiny_gguf_f32, slots=1, beams=1, kv_type="f8")
+    with pytest.raises(ConfigError, match="needs flash attention"):
+        Fuser(tiny_gguf_f32, slots=1, beams=1, kv_type="q8_0", flash_attn=False)
     with pytest.raises(ConfigError, match="slots"):
         Fuser(tiny_gguf_f32, slots=0)
     with pytest.raises(ConfigError, match="exceed"):
