@@ -99,7 +99,6 @@ class GreedySearch:
     """Argmax decoding of one row (one beam)."""
 
     num_beams = 1
-    needs_logprobs = False
 
     def __init__(self, eos_id: int, max_new_tokens: int):
         self.eos_id = int(eos_id)
@@ -110,10 +109,6 @@ class GreedySearch:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
-
-    @property
-    def n_running(self) -> int:
-        return 0 if self.done else 1
 
     @property
     def n_generated(self) -> int:
@@ -147,7 +142,6 @@ class BeamSearch:
     max_new_tokens: int
     length_offset: int = 256
     length_penalty: float = 1.0
-    needs_logprobs = True
     running: list[_Beam] = field(default_factory=lambda: [_Beam([], 0.0)])
     finished: list[Hypothesis] = field(default_factory=list)
     n: int = 0  # tokens generated per running beam
@@ -158,10 +152,6 @@ class BeamSearch:
             raise ValueError("beam search needs at least 2 beams; use GreedySearch for 1")
         if self.length_offset < 0:
             raise ValueError("length_offset must be >= 0")
-
-    @property
-    def n_running(self) -> int:
-        return 0 if self.done else len(self.running)
 
     @property
     def n_generated(self) -> int:

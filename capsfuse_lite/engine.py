@@ -66,8 +66,8 @@ class FuserStats:
         return self.generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-def _positive(name: str, value: int | None, minimum: int = 1) -> int | None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+def _positive(name: str, value: int | None, minimum: int = 1, optional: bool = True) -> int | None:
+    if (value is not None or not optional) and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
@@ -107,11 +107,11 @@ class Fuser:
         prefix_cache: bool = True,
         verbose: bool = False,
     ):
-        _positive("slots", slots)
+        _positive("slots", slots, optional=False)
         _positive("beams", beams)
         _positive("max_new_tokens", max_new_tokens)
         _positive("n_ctx", n_ctx)
-        _positive("n_batch", n_batch)
+        _positive("n_batch", n_batch, optional=False)
         _positive("n_threads", n_threads)
         _positive("length_offset", length_offset, 0)
         self._model: Model | None = None
