@@ -60,13 +60,7 @@ def _register() -> None:
     import importlib
 
     for name in ("cli_convert", "cli_prompts", "cli_fuse", "cli_bench"):
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:  # a command module not written yet
-            if exc.name != f"{__package__}.{name}":
-                raise
-            continue
-        module.register(app)
+        importlib.import_module(f"{__package__}.{name}").register(app)
 
 
 _register()
