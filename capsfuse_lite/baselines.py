@@ -63,7 +63,7 @@ class LlamaLoopBaseline:
         max_new_tokens: int,
         n_threads: int,
         n_gpu_layers: int = 0,
-        n_ctx: int = 512,
+        n_ctx: int | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.max_new_tokens = max_new_tokens
@@ -76,6 +76,10 @@ class LlamaLoopBaseline:
     def load(self) -> None:
         import llama_cpp
 
+        from .models import gguf_defaults
+
+        if self.n_ctx is None:  # room for the longest prompt and the whole token budget
+            self.n_ctx = max(512, gguf_defaults(self.model_path)["max_input_tokens"] + self.max_new_tokens)
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(self.model_path),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import __version__, defaults
-from .baselines import HF_BASELINE, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline, Pair, RowFigures
+from .baselines import HF_BASELINE, HF_BATCH_SIZE, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline, Pair, RowFigures
 from .errors import CapsfuseError, ConfigError, InputFileError
 
 ENGINE = "capsfuse-lite"
@@ -437,6 +437,13 @@ def summarize(runs: list[RunFigures]) -> dict:
     }
 
 
+def default_warmup_rows(spec: ConfigSpec) -> int:
+    """One full round of work: every slot busy once (a whole batch for hf-upstream), at least 2 rows."""
+    if spec.system == HF_BASELINE:
+        return HF_BATCH_SIZE
+    return max(2, spec.slots or 1)
+
+
 def measure_config(opts: BenchOptions, spec: ConfigSpec, max_new_tokens: int) -> dict:
     """Load, warm up and time one configuration; its memory peaks are its own."""
     result: dict = {"name": spec.name, **asdict(spec), "status": "ok"}
@@ -447,7 +454,7 @@ def measure_config(opts: BenchOptions, spec: ConfigSpec, max_new_tokens: int) ->
             t0 = time.perf_counter()
             runner.load()
             result["load_s"] = time.perf_counter() - t0
-            warm = opts.warmup_rows if opts.warmup_rows is not None else max(2, spec.slots or 1)
+            warm = opts.warmup_rows if opts.warmup_rows is not None else default_warmup_rows(spec)
             warm_pairs = opts.pairs[: max(1, min(warm, len(opts.pairs)))]
             result["warmup_rows"] = len(warm_pairs)
             for _ in runner.run(warm_pairs):
