@@ -186,6 +186,8 @@ class HFUpstreamBaseline:
                 f"the {self.name} baseline needs transformers and torch: pip install 'capsfuse-lite[test]'"
             ) from None
         torch.set_num_threads(self.n_threads)
+        transformers.utils.logging.disable_progress_bar()  # keep the bench's own status line clean
+        transformers.utils.logging.set_verbosity_error()
         if self.device == "gpu" and not torch.cuda.is_available():
             raise ConfigError(f"the {self.name} baseline on the GPU needs a CUDA build of torch")
         torch_device = torch.device("cuda" if self.device == "gpu" else "cpu")

@@ -32,7 +32,7 @@ from .errors import CapsfuseError, ConfigError, InputFileError
 ENGINE = "capsfuse-lite"
 GPU_ALL_LAYERS = -1  # "all layers" for both the engine and llama_cpp.Llama
 MIN_REPEATS = 2
-# The recommended slot count is the largest before one more step of slots adds less than this.
+# Recommended slots: the fewest whose rows/s is within this fraction of the best measured.
 SLOTS_GAIN_THRESHOLD = 0.05
 
 
@@ -488,11 +488,14 @@ def add_ratios(results: list[dict]) -> None:
 
 
 def recommend_slots(results: list[dict], threshold: float = SLOTS_GAIN_THRESHOLD) -> list[dict]:
-    """Per device and beam count: the largest slot count before throughput stops rising.
+    """Per device and beam count: the slot count where throughput stops rising.
 
-    Walking the measured slot counts upwards (prefix cache on when it was measured), the count
-    is kept while the next one is at least ``threshold`` faster; a configuration that failed
-    (memory ran out) stops the walk.
+    Among the slot counts measured (prefix cache on when it was measured) up to the first one
+    that failed (memory ran out), the recommendation is the smallest whose rows/s is within
+    ``threshold`` of the best: more slots past it cost memory and first-result latency for
+    less than ``threshold`` more throughput. The smallest-within-threshold rule (rather than
+    stopping at the first step that does not rise) matters on CPUs, where llama.cpp's
+    matrix kernels can make 2-6 sequences no faster than 1 while 8 and 16 are.
     """
     recs = []
     engine = [r for r in results if r["system"] == ENGINE]
@@ -501,20 +504,26 @@ def recommend_slots(results: list[dict], threshold: float = SLOTS_GAIN_THRESHOLD
             group = [r for r in engine if r["device"] == device and r["beams"] == beams]
             cache = any(r["prefix_cache"] for r in group)
             group = sorted((r for r in group if r["prefix_cache"] == cache), key=lambda r: r["slots"])
-            best, reason = None, "largest slot count measured"
+            usable, failed = [], None
             for r in group:
                 if r["status"] != "ok":
-                    reason = f"slots={r['slots']} failed: {r.get('error', '')}"
+                    failed = r
                     break
-                if best is not None and r["rows_per_s"] < best["rows_per_s"] * (1 + threshold):
-                    reason = f"slots={r['slots']} adds less than {threshold:.0%} rows/s"
-                    break
-                best = r
-            if best is not None:
-                recs.append({
-                    "device": device, "beams": beams, "prefix_cache": cache, "slots": best["slots"],
-                    "rows_per_s": best["rows_per_s"], "reason": reason,
-                })
+                usable.append(r)
+            if not usable:
+                continue
+            best = max(r["rows_per_s"] for r in usable)
+            pick = next(r for r in usable if r["rows_per_s"] >= best * (1 - threshold))
+            if failed is not None:
+                reason = f"slots={failed['slots']} failed: {failed.get('error', '')}"
+            elif pick is usable[-1]:
+                reason = "fastest of the slot counts measured; try more slots"
+            else:
+                reason = f"more slots add less than {threshold:.0%} rows/s"
+            recs.append({
+                "device": device, "beams": beams, "prefix_cache": cache, "slots": pick["slots"],
+                "rows_per_s": pick["rows_per_s"], "reason": reason,
+            })
     return recs
 
 

@@ -72,10 +72,14 @@ def _fake(slots, rate, status="ok", beams=1, cache=True, device="cpu"):
             "status": status, "rows_per_s": rate, "error": "out of memory"}
 
 
-def test_recommend_slots_stops_where_throughput_stops_rising():
-    rising_then_flat = [_fake(1, 1.0), _fake(4, 3.0), _fake(8, 4.0), _fake(16, 4.1), _fake(32, 6.0)]
-    assert recommend_slots(rising_then_flat)[0]["slots"] == 8
-    oom = [_fake(1, 1.0), _fake(8, 4.0), _fake(16, 0.0, status="failed")]
+def test_recommend_slots_picks_where_throughput_stops_rising():
+    rising_then_flat = [_fake(1, 1.0), _fake(4, 3.0), _fake(8, 4.0), _fake(16, 4.1), _fake(32, 3.9)]
+    (rec,) = recommend_slots(rising_then_flat)
+    assert rec["slots"] == 8 and "less than 5%" in rec["reason"]
+    dip_then_rise = [_fake(1, 8.3), _fake(4, 8.2), _fake(8, 12.8), _fake(16, 16.4)]  # CPU kernels
+    (rec,) = recommend_slots(dip_then_rise)
+    assert rec["slots"] == 16 and "try more slots" in rec["reason"]
+    oom = [_fake(1, 1.0), _fake(8, 4.0), _fake(16, 0.0, status="failed"), _fake(32, 9.0)]
     (rec,) = recommend_slots(oom)
     assert rec["slots"] == 8 and "failed" in rec["reason"]
     cache_off_ignored = [_fake(1, 1.0), _fake(8, 2.0), _fake(8, 9.0, cache=False)]
