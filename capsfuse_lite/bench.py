@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import __version__, defaults
-from .baselines import HF_BASELINE, HF_BATCH_SIZE, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline, Pair, RowFigures
+from .baselines import HF_BASELINE, HF_BATCH_SIZE, HF_NUM_BEAMS, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline, Pair, RowFigures
 from .errors import CapsfuseError, ConfigError, InputFileError
 
 ENGINE = "capsfuse-lite"
@@ -89,15 +89,21 @@ class BenchOptions:
 
 
 def plan_configs(opts: BenchOptions) -> list[ConfigSpec]:
-    """Baselines first, then the engine grid, per device (all in one process run)."""
+    """Per device: the loop baseline, the engine grid, then hf-upstream (all in one process run).
+
+    hf-upstream goes last because importing torch leaves hundreds of MiB resident (its
+    libraries and allocator caches), which would otherwise count in the next peaks.
+    """
     plan: list[ConfigSpec] = []
     for device in opts.devices:
-        for base in opts.baselines:
-            plan.append(ConfigSpec(base, device, beams=3 if base == HF_BASELINE else 1))
+        if LOOP_BASELINE in opts.baselines:
+            plan.append(ConfigSpec(LOOP_BASELINE, device))
         for beams in opts.beams:
             for cache in opts.prefix_cache:
                 for slots in sorted(opts.slots):
                     plan.append(ConfigSpec(ENGINE, device, slots=slots, beams=beams, prefix_cache=cache))
+        if HF_BASELINE in opts.baselines:
+            plan.append(ConfigSpec(HF_BASELINE, device, beams=HF_NUM_BEAMS))
     return plan
 
 
@@ -206,7 +212,7 @@ class PeakMemory:
     def __init__(self, gpu: bool = False, interval: float = 0.05, gpu_interval: float = 0.5):
         self.gpu, self.interval, self.gpu_interval = gpu, interval, gpu_interval
         self._stop = threading.Event()
-        self._rss_max_kib = 0
+        self._rss_start_kib = self._rss_max_kib = 0
         self._gpu_max: float | None = None
         self._gpu_base = 0.0
         self._gpu_scope: str | None = None
@@ -214,7 +220,7 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         gc.collect()
         self._hwm_reset = _reset_peak_rss()
-        self._rss_max_kib = _proc_status_kib("VmRSS").get("VmRSS", 0)
+        self._rss_start_kib = self._rss_max_kib = _proc_status_kib("VmRSS").get("VmRSS", 0)
         if self.gpu:
             first = _gpu_memory_mib()
             if first is not None:
@@ -257,6 +263,7 @@ class PeakMemory:
         return {
             "peak_rss_mib": round(rss, 1),
             "peak_rss_scope": scope,
+            "rss_at_start_mib": round(self._rss_start_kib / 1024, 1) if self._rss_max_kib else None,
             "peak_gpu_mib": None if self._gpu_max is None else round(self._gpu_max, 1),
             "peak_gpu_scope": self._gpu_scope,
         }
