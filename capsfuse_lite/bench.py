@@ -32,6 +32,8 @@ from .errors import CapsfuseError, ConfigError, InputFileError
 ENGINE = "capsfuse-lite"
 GPU_ALL_LAYERS = -1  # "all layers" for both the engine and llama_cpp.Llama
 MIN_REPEATS = 2
+# Slot counts measured when none are given: a GPU keeps gaining far past a CPU's 16.
+DEFAULT_SLOTS = {"cpu": (1, 4, 8, 16), "gpu": (1, 8, 16, 32, 64)}
 # Recommended slots: the fewest whose rows/s is within this fraction of the best measured.
 SLOTS_GAIN_THRESHOLD = 0.05
 
@@ -58,7 +60,7 @@ class ConfigSpec:
 class BenchOptions:
     model: Path
     pairs: list[Pair]
-    slots: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
+    slots: list[int] = field(default_factory=lambda: list(DEFAULT_SLOTS["cpu"]))
     beams: list[int] = field(default_factory=lambda: [1, 3])
     prefix_cache: list[bool] = field(default_factory=lambda: [True])
     max_new_tokens: int | None = None  # None: the GGUF's capsfuse.max_new_tokens (upstream 80)
@@ -468,9 +470,10 @@ def measure_config(opts: BenchOptions, spec: ConfigSpec, max_new_tokens: int) ->
                 pass
             runs = [time_run(runner, opts.pairs) for _ in range(opts.repeats)]
             result["settings"] = runner.describe()
-        except (CapsfuseError, MemoryError) as exc:
-            # A context that does not fit (too many slots for the memory) ends this config only.
-            result.update(status="failed", error=str(exc) or type(exc).__name__)
+        except (CapsfuseError, MemoryError, RuntimeError) as exc:
+            # Out of memory (a context that does not fit, a failed llama_decode, CUDA OOM in
+            # torch) ends this configuration only; the report says which and why.
+            result.update(status="failed", error=f"{type(exc).__name__}: {exc}")
             runs = []
         finally:
             runner.close()

@@ -43,6 +43,14 @@ def _devices(text: str) -> list[str]:
     return devices
 
 
+def _slots(text: str, devices: list[str]) -> list[int]:
+    from .bench import DEFAULT_SLOTS
+
+    if text == _AUTO:
+        return sorted({s for d in devices for s in DEFAULT_SLOTS[d]})
+    return _int_list("--slots", text)
+
+
 def _baselines(text: str, hf_checkpoint: Path | None) -> list[str]:
     from .baselines import BASELINE_NAMES, HF_BASELINE, LOOP_BASELINE, hf_checkpoint_available
 
@@ -57,7 +65,7 @@ def bench(
     model: Annotated[Path, typer.Option("--model", "-m", help="GGUF to benchmark (made by `capsfuse-lite convert`).")],
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Caption file (JSON/JSONL/CSV/Parquet with laion_2b and laion_coco); default: the bundled sample captions.")] = None,
     rows: Annotated[int, typer.Option(help="Rows per timed pass; the input is repeated to reach it.")] = 48,
-    slots: Annotated[str, typer.Option(help="Slot counts to measure, comma-separated.")] = "1,4,8,16",
+    slots: Annotated[str, typer.Option(help="Slot counts to measure, comma-separated; auto: 1,4,8,16 on a CPU, 1,8,16,32,64 with a GPU.")] = _AUTO,
     beams: Annotated[str, typer.Option(help="Beam counts to measure (1 = greedy), comma-separated.")] = "1,3",
     prefix_cache: Annotated[str, typer.Option("--prefix-cache", help="Shared prompt-prefix cache: on, off or on,off.")] = "on",
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Token budget per row for every system (default: the model's, upstream 80).")] = None,
@@ -81,17 +89,18 @@ def bench(
             raise OutputExistsError(f"{output} exists; pass --force to overwrite it or -o another path")
         if threads is not None and threads < 1:
             raise ConfigError(f"--threads {threads}: give at least 1")
+        devices = _devices(device)
         opts = BenchOptions(
             model=model,
             pairs=repeat_to(load_pairs(input, limit=rows), rows),
-            slots=_int_list("--slots", slots),
+            slots=_slots(slots, devices),
             beams=_int_list("--beams", beams),
             prefix_cache=[v == "on" for v in _choices("--prefix-cache", prefix_cache, ("on", "off"))],
             max_new_tokens=max_new_tokens,
             baselines=_baselines(baselines, hf_checkpoint),
             hf_checkpoint=hf_checkpoint,
             hf_dtype=hf_dtype,
-            devices=_devices(device),
+            devices=devices,
             repeats=repeats,
             warmup_rows=warmup_rows,
             input_label=str(input) if input else "sample captions",
