@@ -620,6 +620,9 @@ def plot_report(report: dict, path: str | Path) -> Path | None:
     for i, r in enumerate(r for r in results if r["system"] != ENGINE):
         ax.axhline(r["rows_per_s"], linestyle="--", color=f"C{(len(series) + i) % 10}", label=r["name"])
     ax.set_xscale("log", base=2)
+    ticks = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("slots (sequences decoded together)")
     ax.set_ylabel("rows/s")
     s = report["settings"]
