@@ -113,12 +113,11 @@ SAMPLE_FILE = "capsfusion_sample.json"
 
 
 def sample_captions_path() -> Path:
-    """The 47 upstream sample rows: package data when installed, tests/fixtures in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "data" / SAMPLE_FILE, here.parent / "tests" / "fixtures" / SAMPLE_FILE):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError("the sample captions are not part of this installation; pass --input FILE")
+    """The 47 upstream sample rows (CapsFusion's example_data.json), shipped as package data."""
+    path = Path(__file__).resolve().parent / "data" / SAMPLE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: the sample captions are missing from this installation; pass --input FILE")
+    return path
 
 
 def repeat_to(pairs: list[Pair], rows: int | None) -> list[Pair]:
