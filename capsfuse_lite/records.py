@@ -16,6 +16,8 @@ Parquet needs pyarrow (the ``parquet`` extra); it is imported only when a Parque
 
 from __future__ import annotations
 
+import abc
+
 import base64
 import csv
 import datetime as _dt
@@ -137,7 +139,7 @@ def _arrow_types(pa):
 # Readers
 
 
-class RecordReader:
+class RecordReader(abc.ABC):
     """Streaming reader of one caption file; see :func:`open_reader`."""
 
     format = ""
@@ -145,9 +147,9 @@ class RecordReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    @abc.abstractmethod
     def rows(self, columns: Iterable[str] | None = None) -> Iterator[tuple[int, dict]]:
         """Yield ``(row_index, row)`` in file order. ``columns`` is a hint (Parquet reads only those)."""
-        raise NotImplementedError
 
     def scan(self, required: Iterable[str] = ()) -> Layout:
         """Validation pass: read everything, return the :class:`Layout`, raise InputFileError on a
@@ -449,7 +451,7 @@ def _dumps(row: Any) -> str:
     return json.dumps(row, ensure_ascii=False, default=json_default)
 
 
-class RecordWriter:
+class RecordWriter(abc.ABC):
     """Streaming writer; ``write(row)`` per row in order, then ``close()`` (flushes and fsyncs)."""
 
     def __init__(self, path: str | Path, layout: Layout):
@@ -457,11 +459,13 @@ class RecordWriter:
         self.layout = layout
         self.rows = 0
 
+    @abc.abstractmethod
     def write(self, row: dict) -> None:
-        raise NotImplementedError
+        """Append one row (rows arrive in output order)."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Finish the file: flush, fsync, release resources (idempotent)."""
 
     def __enter__(self):
         return self
