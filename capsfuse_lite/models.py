@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import sys
 from pathlib import Path
 from typing import Callable
@@ -134,57 +133,11 @@ def file_sha256(path: str | Path, *, use_cache: bool = True) -> str:
     return value
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: str | Path) -> dict:
-    """The scalar and string key/values of a GGUF header (arrays such as the vocabulary are
-    skipped), read with ``struct``: milliseconds even for a 13B model."""
-    def read(f, fmt):
-        size = struct.calcsize(fmt)
-        data = f.read(size)
-        if len(data) != size:
-            raise ModelLoadError(f"{path}: truncated GGUF header")
-        return struct.unpack(fmt, data)[0]
-
-    def string(f):
-        return f.read(read(f, "<Q")).decode("utf-8", "replace")
-
-    def value(f, vtype):
-        if vtype in _GGUF_SCALARS:
-            return read(f, _GGUF_SCALARS[vtype])
-        if vtype == _GGUF_STRING:
-            return string(f)
-        if vtype == _GGUF_ARRAY:
-            etype, count = read(f, "<I"), read(f, "<Q")
-            if etype in _GGUF_SCALARS:
-                f.seek(count * struct.calcsize(_GGUF_SCALARS[etype]), os.SEEK_CUR)
-            else:
-                for _ in range(count):
-                    value(f, etype)
-            return None
-        raise ModelLoadError(f"{path}: unknown GGUF value type {vtype}; is the file corrupt?")
-
-    check_gguf(Path(path))
-    out = {}
-    with open(path, "rb") as f:
-        f.seek(4)
-        version = read(f, "<I")
-        if not 1 <= version < 1 << 16:
-            raise ModelLoadError(f"{path}: unsupported GGUF version {version} (big-endian file?)")
-        read(f, "<Q")  # tensor count
-        for _ in range(read(f, "<Q")):
-            key = string(f)
-            v = value(f, read(f, "<I"))
-            if v is not None:
-                out[key] = v
-    return out
-
-
 def gguf_defaults(path: str | Path) -> dict:
     """Decoding defaults a GGUF carries (``capsfuse.*``), falling back to :mod:`defaults`, plus
     its quant type; read from the header only (no weights loaded)."""
+    from .convert.gguf_metadata import read_gguf_metadata
+
     meta = read_gguf_metadata(path)
 
     def integer(key, fallback):

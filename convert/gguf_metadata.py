@@ -92,6 +92,8 @@ def _parse(path: Path, load_arrays: bool, want_tensors: bool) -> tuple[dict[str,
             cur = _Cursor(buf, path)
             cur.pos = 4
             version = cur.unpack("<I")
+            if not 1 <= version < 1 << 16:
+                raise ModelLoadError(f"{path}: unsupported GGUF version {version} (big-endian file?)")
             n_tensors = cur.unpack("<Q")
             n_kv = cur.unpack("<Q")
             meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors}
