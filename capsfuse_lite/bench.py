@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 from . import __version__, defaults
 from .baselines import HF_BASELINE, HF_BATCH_SIZE, HF_NUM_BEAMS, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline, Pair, RowFigures
 from .errors import CapsfuseError, ConfigError, InputFileError
-from .machine import CpuLoadMeter, PeakMemory, machine_info
+from .machine import CpuLoadMeter, PeakMemory, default_threads, machine_info
 
 ENGINE = "capsfuse-lite"
 GPU_ALL_LAYERS = -1  # "all layers" for both the engine and llama_cpp.Llama
@@ -66,7 +66,7 @@ class BenchOptions:
     hf_checkpoint: Path | None = None
     hf_dtype: str = "auto"
     devices: list[str] = field(default_factory=lambda: ["cpu"])
-    n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    n_threads: int = field(default_factory=default_threads)
     repeats: int = MIN_REPEATS
     warmup_rows: int | None = None  # None: one full round of slots (at least 2 rows)
     input_label: str = "sample captions"

@@ -14,11 +14,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import defaults
 from .errors import ConfigError, ModelLoadError
+from .machine import default_threads
 from .llama import Batch, Context, Model, set_verbose, supports_gpu_offload
 from .prompts import Prompt, PromptBuilder
 from .scheduler import Finished, Scheduler
@@ -70,13 +70,6 @@ def _positive(name: str, value: int | None, minimum: int = 1, optional: bool = T
     if (value is not None or not optional) and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 class Fuser:
@@ -152,7 +145,7 @@ class Fuser:
                 n_ctx=n_ctx,
                 n_batch=n_batch,
                 n_seq_max=slots * beams + (1 if prefix_cache else 0),
-                n_threads=n_threads or _default_threads(),
+                n_threads=n_threads or default_threads(),
                 flash_attn=flash_attn,
                 kv_type=kv_type,
             )

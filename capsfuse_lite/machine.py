@@ -1,6 +1,7 @@
 """What `capsfuse-lite bench` measures about the machine itself: per-configuration peak RSS
 (VmHWM reset + a sampling thread on VmRSS), GPU memory through nvidia-smi, how busy other
-processes kept the CPU during a timed pass, and a description of the machine for the report.
+processes kept the CPU during a timed pass, a description of the machine for the report, and the
+default thread count every llama.cpp user here shares.
 Linux /proc based; each figure is None where the platform cannot give it.
 """
 
@@ -13,6 +14,15 @@ import shutil
 import subprocess
 import threading
 import time
+
+
+def default_threads() -> int:
+    """CPU threads for llama.cpp by default: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
 
 _MIB = 1024 * 1024
 

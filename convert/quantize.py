@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from capsfuse_lite.errors import ModelLoadError
+from capsfuse_lite.machine import default_threads
 
 from .llama import LLAMA_QUANT_TYPES
 
@@ -21,7 +22,7 @@ def quantize_with_llama_cpp(source: Path, dest: Path, out_type: str, n_threads: 
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(LLAMA_QUANT_TYPES[out_type])
-    params.nthread = n_threads or os.cpu_count() or 1
+    params.nthread = n_threads or default_threads()
     rc = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(dest), ctypes.byref(params))
     if rc != 0:
         raise ModelLoadError(f"{source}: llama.cpp could not quantize the intermediate GGUF to {out_type} (code {rc})")
