@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Sequence
 
 from . import defaults
 from .errors import CheckpointError, ConfigError, ModelLoadError
+from .prompts import PromptBuilder
 
 LOOP_BASELINE = "llama-cpp-python-loop"
 HF_BASELINE = "hf-upstream"
@@ -43,12 +44,6 @@ class RowFigures:
 
 
 Pair = tuple[str, str]
-
-
-def _prompt_builder(tokenize, detokenize, template: str, max_tokens: int):
-    from .prompts import PromptBuilder
-
-    return PromptBuilder(tokenize, detokenize, template=template, max_tokens=max_tokens)
 
 
 class LlamaLoopBaseline:
@@ -78,8 +73,9 @@ class LlamaLoopBaseline:
 
         from .models import gguf_defaults
 
+        meta = gguf_defaults(self.model_path)
         if self.n_ctx is None:  # room for the longest prompt and the whole token budget
-            self.n_ctx = max(512, gguf_defaults(self.model_path)["max_input_tokens"] + self.max_new_tokens)
+            self.n_ctx = max(512, meta["max_input_tokens"] + self.max_new_tokens)
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(self.model_path),
@@ -95,14 +91,11 @@ class LlamaLoopBaseline:
                 f"{self.name} baseline ({exc}); check the file with `capsfuse-lite fuse` first"
             ) from None
         llm = self._llm
-        meta = llm.metadata
-        template = meta.get(defaults.KEY_PROMPT_TEMPLATE, defaults.PROMPT_TEMPLATE)
-        max_tokens = int(meta.get(defaults.KEY_MAX_INPUT_TOKENS, defaults.MAX_INPUT_TOKENS))
-        self._builder = _prompt_builder(
+        self._builder = PromptBuilder(
             lambda text: llm.tokenize(text.encode("utf-8"), add_bos=True),
             lambda ids: llm.detokenize(ids).decode("utf-8", errors="replace"),
-            template,
-            max_tokens,
+            meta["prompt_template"],
+            meta["max_input_tokens"],
         )
 
     def run(self, pairs: Iterable[Pair]) -> Iterator[RowFigures]:
@@ -202,7 +195,7 @@ class HFUpstreamBaseline:
                 f"{model.get_input_embeddings().weight.shape[0]} embeddings"
             )
         self._model, self._tok, self._torch, self._torch_device = model, tok, torch, torch_device
-        self._builder = _prompt_builder(
+        self._builder = PromptBuilder(
             lambda text: tok(text).input_ids,
             lambda ids: tok.decode(ids, skip_special_tokens=True),
             defaults.PROMPT_TEMPLATE,

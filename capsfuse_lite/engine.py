@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 from . import defaults
 from .errors import ConfigError, ModelLoadError
 from .machine import default_threads
+from .models import gguf_defaults
 from .llama import Batch, Context, Model, set_verbose, supports_gpu_offload
 from .prompts import Prompt, PromptBuilder
 from .scheduler import Finished, Scheduler
@@ -120,12 +121,12 @@ class Fuser:
                 logger.warning("capsfuse-lite: this llama.cpp build has no GPU support; running on the CPU")
         self._model = model = Model(model_path, n_gpu_layers=n_gpu_layers)
         try:
-            meta = _Metadata(model)
-            beams = beams or meta.int(defaults.KEY_NUM_BEAMS, defaults.NUM_BEAMS)
-            max_new_tokens = max_new_tokens or meta.int(defaults.KEY_MAX_NEW_TOKENS, defaults.MAX_NEW_TOKENS)
+            meta = gguf_defaults(model.path)
+            beams = beams or meta["num_beams"]
+            max_new_tokens = max_new_tokens or meta["max_new_tokens"]
             if length_offset is None:
-                length_offset = meta.int(defaults.KEY_LENGTH_OFFSET, defaults.LENGTH_OFFSET)
-            self._builder = prompt_builder(model)
+                length_offset = meta["length_offset"]
+            self._builder = prompt_builder(model, meta)
             max_input_tokens = self._builder.max_tokens
             prefix_ids = self.tokenize(self._builder.prefix_text) if prefix_cache else None
             n_prefix = len(prefix_ids) if prefix_ids else 0
@@ -306,12 +307,11 @@ class Fuser:
             pass
 
 
-def prompt_builder(model: Model) -> PromptBuilder:
+def prompt_builder(model: Model, meta: dict) -> PromptBuilder:
     """The model's :class:`PromptBuilder`: template and budget from its ``capsfuse.*`` metadata
-    (defaults otherwise), llama.cpp's tokenizer with BOS, special-token text kept as text."""
-    template = model.meta(defaults.KEY_PROMPT_TEMPLATE) or defaults.PROMPT_TEMPLATE
-    max_tokens = _Metadata(model).int(defaults.KEY_MAX_INPUT_TOKENS, defaults.MAX_INPUT_TOKENS)
-    return PromptBuilder(model.vocab.encode, model.vocab.decode, template, max_tokens)
+    (``meta`` = :func:`~capsfuse_lite.models.gguf_defaults`), llama.cpp's tokenizer with BOS,
+    special-token text kept as text."""
+    return PromptBuilder(model.vocab.encode, model.vocab.decode, meta["prompt_template"], meta["max_input_tokens"])
 
 
 class PromptPreview:
@@ -321,7 +321,7 @@ class PromptPreview:
     def __init__(self, model_path: str | os.PathLike):
         self._model = Model(model_path, vocab_only=True)
         try:
-            self.builder = prompt_builder(self._model)
+            self.builder = prompt_builder(self._model, gguf_defaults(self._model.path))
         except BaseException:
             self._model.close()
             raise
@@ -337,21 +337,3 @@ class PromptPreview:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _Metadata:
-    """Typed access to a model's ``capsfuse.*`` metadata."""
-
-    def __init__(self, model: Model):
-        self._model = model
-
-    def int(self, key: str, default: int) -> int:
-        value = self._model.meta(key)
-        if value is None:
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise ModelLoadError(
-                f"{self._model.path}: metadata {key}={value!r} is not an integer; re-run `capsfuse-lite convert`"
-            ) from None

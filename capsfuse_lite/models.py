@@ -154,13 +154,14 @@ def gguf_defaults(path: str | Path) -> dict:
             quant = LlamaFileType(int(meta["general.file_type"])).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
         except ValueError:
             quant = str(meta["general.file_type"])
-    template = meta.get(defaults.KEY_PROMPT_TEMPLATE, defaults.PROMPT_TEMPLATE)
+    template = str(meta.get(defaults.KEY_PROMPT_TEMPLATE) or defaults.PROMPT_TEMPLATE)
     return {
         "num_beams": integer(defaults.KEY_NUM_BEAMS, defaults.NUM_BEAMS),
         "max_new_tokens": integer(defaults.KEY_MAX_NEW_TOKENS, defaults.MAX_NEW_TOKENS),
         "length_offset": integer(defaults.KEY_LENGTH_OFFSET, defaults.LENGTH_OFFSET),
         "max_input_tokens": integer(defaults.KEY_MAX_INPUT_TOKENS, defaults.MAX_INPUT_TOKENS),
-        "prompt_template_sha256": hashlib.sha256(str(template).encode("utf-8")).hexdigest()[:16],
+        "prompt_template": template,
+        "prompt_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest()[:16],
         "quant": quant,
     }
 
