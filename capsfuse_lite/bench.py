@@ -13,7 +13,6 @@ as JSON), :func:`recommend_slots`, :func:`write_report`, :func:`plot_report`.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import statistics
@@ -392,10 +391,10 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
 
 
 def write_report(report: dict, path: str | Path) -> Path:
+    from .runner import write_json_atomic
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, report)
     return path
 
 
