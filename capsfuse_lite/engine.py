@@ -20,7 +20,7 @@ from . import defaults
 from .errors import ConfigError, ModelLoadError
 from .machine import default_threads
 from .models import gguf_defaults
-from .llama import Batch, Context, Model, set_verbose, supports_gpu_offload
+from .llama import Batch, Context, LlamaError, Model, set_verbose, supports_gpu_offload
 from .prompts import Prompt, PromptBuilder
 from .scheduler import Finished, Scheduler
 
@@ -32,9 +32,14 @@ class FuseResult:
     index: int  # position of the pair in the iterable given to fuse()
     text: str  # fused caption: decoded without special tokens, stripped
     token_ids: list[int]  # generated ids (EOS not included)
-    finish_reason: str  # "eos" | "length"
-    prompt_tokens: int  # prompt length in tokens, BOS included
+    finish_reason: str  # "eos" | "length" | "skipped" (the row could not be fused: see ``error``)
+    prompt_tokens: int  # prompt length in tokens, BOS included (0 when skipped)
     truncated: bool  # the 256-token rule shortened a caption
+    error: str | None = None  # why a row was skipped (text the tokenizer refuses); None when fused
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass
@@ -47,7 +52,8 @@ class FuserStats:
     prefix). ``elapsed_s`` is time spent inside ``fuse()``, not in the caller's loop body.
     """
 
-    rows: int = 0
+    rows: int = 0  # rows fused (skipped rows not included)
+    rows_skipped: int = 0  # rows whose captions could not be tokenized (FuseResult.error)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     elapsed_s: float = 0.0
@@ -71,6 +77,10 @@ def _positive(name: str, value: int | None, minimum: int = 1, optional: bool = T
     if (value is not None or not optional) and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+class _RowError(Exception):
+    """A pair that cannot become a prompt; the row is skipped with this reason."""
 
 
 class Fuser:
@@ -127,6 +137,7 @@ class Fuser:
             if length_offset is None:
                 length_offset = meta["length_offset"]
             self._builder = prompt_builder(model, meta)
+            self._builder.build("", "")  # a template longer than the budget fails here, not on every row
             max_input_tokens = self._builder.max_tokens
             prefix_ids = self.tokenize(self._builder.prefix_text) if prefix_cache else None
             n_prefix = len(prefix_ids) if prefix_ids else 0
@@ -233,30 +244,44 @@ class Fuser:
             raise RuntimeError("fuse() is already running on this Fuser; use one Fuser per stream")
         self._running = True
         self._stop = False
-        prompts = ((i, self._prompt_of(i, pair)) for i, pair in enumerate(pairs))
+        skipped: list[FuseResult] = []  # rows whose prompt could not be built, not yet yielded
+
+        def prompts() -> Iterator[tuple[int, Prompt]]:
+            for i, pair in enumerate(pairs):
+                try:
+                    yield i, self._prompt_of(i, pair)
+                except _RowError as exc:
+                    skipped.append(FuseResult(i, "", [], "skipped", 0, False, str(exc)))
         counters = self._scheduler.counters
         base_calls, base_tokens = counters.decode_calls, counters.evaluated_tokens
         held: dict[int, FuseResult] = {}
         next_index = 0
-        steps = self._scheduler.run(prompts, lambda: self._stop)
+        steps = self._scheduler.run(prompts(), lambda: self._stop)
         try:
             while True:
                 started = time.perf_counter()
                 finished = next(steps, None)
-                result = self._result(finished) if finished is not None else None
+                results = [self._result(finished)] if finished is not None else []
                 self.stats.elapsed_s += time.perf_counter() - started
                 self.stats.decode_calls += counters.decode_calls - base_calls
                 self.stats.evaluated_tokens += counters.evaluated_tokens - base_tokens
                 base_calls, base_tokens = counters.decode_calls, counters.evaluated_tokens
-                if result is None:
+                if finished is None and self._stop:
                     break
-                if not ordered:
-                    yield result
-                    continue
-                held[result.index] = result
-                while next_index in held:
-                    yield held.pop(next_index)
-                    next_index += 1
+                if skipped:
+                    self.stats.rows_skipped += len(skipped)
+                    results += skipped
+                    skipped.clear()
+                if not results:
+                    break
+                for result in results:
+                    if not ordered:
+                        yield result
+                        continue
+                    held[result.index] = result
+                    while next_index in held:
+                        yield held.pop(next_index)
+                        next_index += 1
         finally:
             steps.close()
             self._running = False
@@ -268,7 +293,12 @@ class Fuser:
             raise TypeError(f"pair {index} is not a (raw, synthetic) pair of strings: {pair!r}") from None
         if not isinstance(raw, str) or not isinstance(synthetic, str):
             raise TypeError(f"pair {index} must hold two strings, got ({type(raw).__name__}, {type(synthetic).__name__})")
-        return self._builder.build(raw, synthetic)
+        try:
+            return self._builder.build(raw, synthetic)
+        except UnicodeError:
+            raise _RowError("a caption is not valid Unicode text (it holds a lone surrogate code point)") from None
+        except LlamaError as exc:
+            raise _RowError(f"the tokenizer refused a caption ({exc})") from None
 
     def _result(self, finished: Finished) -> FuseResult:
         hyp = finished.hypothesis
