@@ -141,6 +141,12 @@ class Fuser:
             max_input_tokens = self._builder.max_tokens
             prefix_ids = self.tokenize(self._builder.prefix_text) if prefix_cache else None
             n_prefix = len(prefix_ids) if prefix_ids else 0
+            if max_input_tokens + max_new_tokens > model.n_ctx_train > 0:
+                raise ConfigError(
+                    f"max_new_tokens={max_new_tokens}: a {max_input_tokens}-token prompt plus {max_new_tokens} new tokens "
+                    f"exceeds the {model.n_ctx_train} positions {model.path.name} was trained for; use at most "
+                    f"{model.n_ctx_train - max_input_tokens} (--max-new-tokens)"
+                )
             worst_row = max_input_tokens + beams * max_new_tokens
             if n_ctx is None:
                 n_ctx = n_prefix + slots * worst_row
