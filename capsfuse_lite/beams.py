@@ -63,7 +63,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def top_candidates(logits: np.ndarray, beam_logprobs: np.ndarray, k: int) -> list[tuple[float, int, int]]:
     """The ``k`` best (score, beam, token) continuations, best first, where
     ``score = beam_logprobs[beam] + log_softmax(logits[beam])[token]``; equal scores are ordered by
-    beam then token. Only each row's log-normaliser is computed over the whole vocabulary."""
+    beam then token. Per-row reference implementation: the engine uses :func:`row_top_k` on the
+    whole decode step at once, then :func:`merge_beams`."""
     logits = np.asarray(logits, dtype=np.float32)
     n_beams, vocab = logits.shape
     k_row = min(k, vocab)
@@ -80,6 +81,167 @@ def top_candidates(logits: np.ndarray, beam_logprobs: np.ndarray, k: int) -> lis
     values = logits[beams, tokens].astype(np.float64) - log_norm[beams] + np.asarray(beam_logprobs, dtype=np.float64)[beams]
     order = np.lexsort((beams * vocab + tokens, -values))[:k]
     return [(float(values[i]), int(beams[i]), int(tokens[i])) for i in order]
+
+
+# -- the whole decode step at once ---------------------------------------------------------------
+#
+# One decode step returns a (rows, vocab) float32 logits matrix (192 x 32001 at 64 slots x 3 beams).
+# Per row the search needs its top-k logits (k = 2 x beams) in exact order (value descending, ties to
+# the lowest token id) and its log-normaliser log(sum(exp(logits))). numpy has no fast top-k
+# (np.argpartition costs ~10 ms on that matrix), so the rows are processed in cache-sized chunks:
+#
+# 1. fold the first ``w * 2**j`` columns (``w = vocab >> j`` in [256, 512): all but < 2**j columns)
+#    onto ``w`` columns with elementwise maxima: column c then holds the maximum of the tokens
+#    congruent to c modulo w;
+# 2. the k-th largest of those class maxima, t, is a lower bound of the row's k-th largest logit
+#    (they are k distinct elements of the row), so every top-k token lies in a class whose maximum
+#    is >= t, plus possibly the few tail columns past the folded part;
+# 3. only the members of those classes (about k x 64 values) and the tail are compared with t and
+#    sorted exactly;
+# 4. the normaliser is one exp and one sum over the chunk (the chunk's row maximum, known from the
+#    fold, decides whether the logits must be shifted first to stay inside float32's exp range).
+#
+# Results equal :func:`top_candidates` (same tokens and order; log-normaliser to float32 rounding,
+# as transformers' own float32 log_softmax).
+
+_MIN_FOLD = 256
+_CHUNK_ROWS = 16
+_EXP_SAFE = 80.0  # |max logit| below which exp(logits) cannot overflow or underflow to zero
+
+
+def _fold_shape(vocab: int) -> tuple[int, int]:
+    """(w, 2**j): the folded width and how many columns fold onto each (0, 0: too small to fold)."""
+    times = 1
+    while (vocab // (times * 2)) >= _MIN_FOLD:
+        times *= 2
+    return (vocab // times, times) if times > 1 else (0, 0)
+
+
+def _chunk_top_k(x: np.ndarray, k: int, scratch: np.ndarray, tokens: np.ndarray, values: np.ndarray,
+                 log_norm: np.ndarray) -> None:
+    """:func:`row_top_k` for one chunk of rows, writing into the given output slices."""
+    rows, vocab = x.shape
+    width, times = _fold_shape(vocab)
+    span = width * times
+    if span:
+        folded = np.maximum(x[:, : span // 2], x[:, span // 2 : span])
+        while folded.shape[1] > width:
+            half = folded.shape[1] // 2
+            folded = np.maximum(folded[:, :half], folded[:, half:], out=folded[:, :half])
+        tail = x[:, span:]
+        peak = folded.max(axis=1)
+        if tail.shape[1]:
+            np.maximum(peak, tail.max(axis=1), out=peak)
+    else:
+        peak = x.max(axis=1)
+    # log-normaliser
+    e = scratch[:rows]
+    if np.all(np.abs(peak) < _EXP_SAFE):
+        np.exp(x, out=e)
+        log_norm[:] = np.log(e.sum(axis=1).astype(np.float64))
+    else:
+        np.subtract(x, peak[:, None], out=e)
+        np.exp(e, out=e)
+        log_norm[:] = peak.astype(np.float64) + np.log(e.sum(axis=1).astype(np.float64))
+    if not span or k > width // 4 or not np.all(np.isfinite(peak)):
+        _exact_top_k(x, k, tokens, values)
+        return
+    # candidates: members of the classes whose maximum reaches the bound, and tail tokens above it
+    bound = np.partition(folded, width - k, axis=1)[:, width - k]
+    r, c = np.nonzero(folded >= bound[:, None])
+    members = c[:, None] + width * np.arange(times)
+    vals = x[r[:, None], members]
+    hit_i, hit_j = np.nonzero(vals >= bound[r][:, None])
+    cand_row, cand_tok, cand_val = r[hit_i], members[hit_i, hit_j], vals[hit_i, hit_j]
+    tail = x[:, span:]
+    if tail.shape[1]:
+        tr, tc = np.nonzero(tail >= bound[:, None])
+        cand_row = np.concatenate((cand_row, tr))
+        cand_tok = np.concatenate((cand_tok, span + tc))
+        cand_val = np.concatenate((cand_val, tail[tr, tc]))
+    order = np.lexsort((cand_tok, -cand_val, cand_row))
+    counts = np.bincount(cand_row, minlength=rows)
+    if counts.min() < k:  # cannot happen for finite logits; kept as a guard
+        _exact_top_k(x, k, tokens, values)
+        return
+    first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    pick = order[first[:, None] + np.arange(k)]
+    tokens[:] = cand_tok[pick]
+    values[:] = cand_val[pick]
+
+
+def _exact_top_k(x: np.ndarray, k: int, tokens: np.ndarray, values: np.ndarray) -> None:
+    """Top-k by a full stable sort (small vocabularies, non-finite logits)."""
+    keys = np.where(np.isnan(x), -np.inf, x)
+    order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
+    tokens[:] = order
+    values[:] = np.take_along_axis(x, order, axis=1)
+
+
+class RowTopK:
+    """Computes :func:`row_top_k` with reusable scratch memory and, for large steps, worker threads
+    (numpy releases the GIL inside its array loops, so chunks run on several cores)."""
+
+    def __init__(self, threads: int = 1):
+        self.threads = max(1, int(threads))
+        self._pool = None
+        self._scratch: list[np.ndarray] = []
+
+    def __call__(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, vocab = logits.shape
+        k = min(k, vocab)
+        tokens = np.empty((rows, k), dtype=np.int64)
+        values = np.empty((rows, k), dtype=np.float32)
+        log_norm = np.empty(rows, dtype=np.float64)
+        chunks = [(i, min(i + _CHUNK_ROWS, rows)) for i in range(0, rows, _CHUNK_ROWS)]
+        workers = min(self.threads, len(chunks))
+        while len(self._scratch) < workers or (self._scratch and self._scratch[0].shape[1] != vocab):
+            if self._scratch and self._scratch[0].shape[1] != vocab:
+                self._scratch = []
+            self._scratch.append(np.empty((_CHUNK_ROWS, vocab), dtype=np.float32))
+
+        def run(worker: int) -> None:
+            for a, b in chunks[worker::workers]:
+                _chunk_top_k(logits[a:b], k, self._scratch[worker], tokens[a:b], values[a:b], log_norm[a:b])
+
+        if workers <= 1:
+            run(0)
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="capsfuse-topk")
+            futures = [self._pool.submit(run, w) for w in range(1, workers)]
+            run(0)
+            for f in futures:
+                f.result()
+        return tokens, values, log_norm
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def row_top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of a (rows, vocab) float32 matrix: the ``k`` largest logits' token ids and values
+    (value descending, equal values by lowest token id) and ``log(sum(exp(row)))`` (float64)."""
+    return RowTopK()(np.asarray(logits, dtype=np.float32), k)
+
+
+def merge_beams(tokens: np.ndarray, values: np.ndarray, log_norm: np.ndarray, beam_logprobs: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` best continuations of each row over its beams: inputs are per (row, beam) --
+    ``tokens``/``values`` (rows, beams, k') from :func:`row_top_k`, ``log_norm`` and
+    ``beam_logprobs`` (rows, beams) -- outputs (rows, k) scores (float64), parent beams and tokens,
+    best first, equal scores ordered by beam then token (as :func:`top_candidates`)."""
+    rows, n_beams, k_row = tokens.shape
+    scores = values.astype(np.float64) + (beam_logprobs - log_norm)[:, :, None]
+    flat = scores.reshape(rows, n_beams * k_row)
+    # a stable sort keeps the beam-major, then (value desc, token asc) order among equal scores
+    order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    return (np.take_along_axis(flat, order, axis=1), order // k_row,
+            np.take_along_axis(tokens.reshape(rows, n_beams * k_row), order, axis=1))
 
 
 @dataclass
@@ -119,7 +281,10 @@ class GreedySearch:
 
     def step(self, logits: np.ndarray) -> list[int]:
         """``logits``: (1, vocab). Returns the parent of each running beam ([0] or [] when done)."""
-        token = int(np.argmax(logits[0]))
+        return self.advance(int(np.argmax(logits[0])))
+
+    def advance(self, token: int) -> list[int]:
+        """One step given the argmax token (the engine takes the argmax of all rows at once)."""
         if token == self.eos_id:
             self.finish_reason = "eos"
             return []
@@ -180,10 +345,17 @@ class BeamSearch:
     def step(self, logits: np.ndarray) -> list[int]:
         """``logits``: (n_running, vocab), one row per running beam in order. Advances one token and
         returns, for each new running beam, the index of its parent ([] once done)."""
+        beam_logprobs = np.array([b.logprob for b in self.running])
+        return self.advance(top_candidates(logits, beam_logprobs, 2 * self.num_beams))
+
+    def beam_logprobs(self) -> list[float]:
+        return [b.logprob for b in self.running]
+
+    def advance(self, candidates: list[tuple[float, int, int]]) -> list[int]:
+        """One step given this row's ``2 x num_beams`` best (score, parent beam, token) candidates,
+        best first (:func:`top_candidates`, or :func:`merge_beams` for many rows at once)."""
         if self.done:
             raise RuntimeError("step() on a finished beam search")
-        n_beams = self.num_beams
-        candidates = top_candidates(logits, np.array([b.logprob for b in self.running]), 2 * n_beams)
         self.n += 1
         if self.length_offset == 0:
             parents = self._step_current(candidates)

@@ -18,10 +18,11 @@ from typing import Iterable, Iterator
 
 from . import defaults
 from .errors import ConfigError, ModelLoadError
-from .machine import default_threads
+from .llama import Batch, Context, LlamaError, Model, devices, set_verbose, supports_gpu_offload  # first: loads llama.cpp
+from .machine import available_memory, default_threads
 from .models import gguf_defaults
-from .llama import Batch, Context, LlamaError, Model, set_verbose, supports_gpu_offload
-from .prompts import Prompt, PromptBuilder
+from .plan import ModelShape, choose_slots, kv_layout
+from .prompts import Prompt, PromptBuilder, common_prefix_length
 from .scheduler import Finished, Scheduler
 
 logger = logging.getLogger("capsfuse_lite")
@@ -59,6 +60,18 @@ class FuserStats:
     elapsed_s: float = 0.0
     evaluated_tokens: int = 0
     decode_calls: int = 0
+    steps: int = 0  # decode steps (each advances every running row by one token or prompt chunk)
+    device_s: float = 0.0  # inside llama_decode and waiting for its results (the GPU/CPU kernels)
+    host_s: float = 0.0  # the engine's own work between decodes: search, KV bookkeeping, batching
+
+    @property
+    def host_ms_per_step(self) -> float:
+        """Engine time per decode step spent outside llama.cpp's kernels: on a GPU, time it waits."""
+        return 1e3 * self.host_s / self.steps if self.steps else 0.0
+
+    @property
+    def device_ms_per_step(self) -> float:
+        return 1e3 * self.device_s / self.steps if self.steps else 0.0
 
     @property
     def rows_per_s(self) -> float:
@@ -77,6 +90,13 @@ def _positive(name: str, value: int | None, minimum: int = 1, optional: bool = T
     if (value is not None or not optional) and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+_STEP_COUNTERS = ("decode_calls", "evaluated_tokens", "steps", "device_s", "host_s")
+
+
+def _counter_values(counters) -> dict:
+    return {name: getattr(counters, name) for name in _STEP_COUNTERS}
 
 
 class _RowError(Exception):
@@ -98,29 +118,32 @@ class Fuser:
         self,
         model_path: str | os.PathLike,
         *,
-        slots: int = 8,
+        slots: int | str = "auto",
         beams: int | None = None,
         max_new_tokens: int | None = None,
         n_gpu_layers: int | None = None,
         n_ctx: int | None = None,
-        n_batch: int = 512,
+        n_batch: int | None = None,
         n_threads: int | None = None,
         flash_attn: bool | None = None,
         kv_type: str = "f16",
+        kv_unified: bool | None = None,
         length_offset: int | None = None,
         prefix_cache: bool = True,
         verbose: bool = False,
     ):
-        _positive("slots", slots, optional=False)
+        if slots != "auto":
+            _positive("slots", slots, optional=False)
         _positive("beams", beams)
         _positive("max_new_tokens", max_new_tokens)
         _positive("n_ctx", n_ctx)
-        _positive("n_batch", n_batch, optional=False)
+        _positive("n_batch", n_batch)
         _positive("n_threads", n_threads)
         _positive("length_offset", length_offset, 0)
         self._model: Model | None = None
         self._ctx: Context | None = None
         self._batch: Batch | None = None
+        self._scheduler: Scheduler | None = None
         self._stop = False
         self._running = False
         set_verbose(verbose)
@@ -131,13 +154,14 @@ class Fuser:
                 logger.warning("capsfuse-lite: this llama.cpp build has no GPU support; running on the CPU")
         self._model = model = Model(model_path, n_gpu_layers=n_gpu_layers)
         try:
+            shape = ModelShape.from_gguf(model.path)
             meta = gguf_defaults(model.path)
             beams = beams or meta["num_beams"]
             max_new_tokens = max_new_tokens or meta["max_new_tokens"]
             if length_offset is None:
                 length_offset = meta["length_offset"]
             self._builder = prompt_builder(model, meta)
-            self._builder.build("", "")  # a template longer than the budget fails here, not on every row
+            probe = self._builder.build("", "")  # a template longer than the budget fails here, not on every row
             max_input_tokens = self._builder.max_tokens
             prefix_ids = self.tokenize(self._builder.prefix_text) if prefix_cache else None
             n_prefix = len(prefix_ids) if prefix_ids else 0
@@ -147,29 +171,52 @@ class Fuser:
                     f"exceeds the {model.n_ctx_train} positions {model.path.name} was trained for; use at most "
                     f"{model.n_ctx_train - max_input_tokens} (--max-new-tokens)"
                 )
+            if kv_unified is None:
+                kv_unified = beams > 1 or n_ctx is not None
+            elif not kv_unified and n_ctx is not None:
+                raise ConfigError("n_ctx sizes a unified KV cache; with per-sequence streams (kv_unified=False) leave it unset")
+            shared_min = max(0, common_prefix_length(prefix_ids, probe.token_ids) - 1) if prefix_ids else 0
+            on_gpu = bool(gpu and n_gpu_layers != 0)
+            device = _gpu_memory() if on_gpu else None
+            gpu_fraction = 1.0 if n_gpu_layers < 0 or n_gpu_layers >= model.n_layer else n_gpu_layers / model.n_layer
+            choice = choose_slots(
+                requested=slots, shape=shape, beams=beams, max_input=max_input_tokens, max_new=max_new_tokens,
+                n_prefix=n_prefix, shared_min=shared_min, unified=kv_unified, kv_type=kv_type, device=device,
+                gpu_fraction=gpu_fraction, n_ubatch=min(n_batch or 512, 512),
+                host_available=None if on_gpu else available_memory(),
+            )
+            slots = choice.slots
+            self.slots_reason = choice.reason
+            layout = kv_layout(slots=slots, beams=beams, max_input=max_input_tokens, max_new=max_new_tokens,
+                               n_prefix=n_prefix, shared_min=shared_min, unified=kv_unified)
             worst_row = max_input_tokens + beams * max_new_tokens
             if n_ctx is None:
-                n_ctx = n_prefix + slots * worst_row
+                n_ctx = layout.n_ctx
             elif n_ctx < n_prefix + worst_row:
                 raise ConfigError(
                     f"n_ctx={n_ctx} is too small: one row may need {n_prefix + worst_row} KV cells "
                     f"({max_input_tokens} prompt + {beams} beams x {max_new_tokens} new tokens"
                     f"{f' + {n_prefix} shared prefix' if n_prefix else ''}); raise n_ctx or leave it unset"
                 )
-            if n_batch < slots * beams:
+            if n_batch is None:
+                n_batch = max(512, slots * beams)
+            elif n_batch < slots * beams:
                 raise ConfigError(f"n_batch={n_batch} must be at least slots x beams = {slots * beams}")
             self._ctx = Context(
                 model,
                 n_ctx=n_ctx,
                 n_batch=n_batch,
-                n_seq_max=slots * beams + (1 if prefix_cache else 0),
+                n_ubatch=min(n_batch, 512),
+                n_seq_max=layout.n_seq_max,
                 n_threads=n_threads or default_threads(),
                 flash_attn=flash_attn,
                 kv_type=kv_type,
+                kv_unified=kv_unified,
             )
             self._batch = Batch(self._ctx.n_batch)
             self._scheduler = Scheduler(
-                self._ctx, self._batch, slots, beams, max_new_tokens, length_offset, model.vocab.eos, prefix_ids
+                self._ctx, self._batch, slots, beams, max_new_tokens, length_offset, model.vocab.eos, prefix_ids,
+                host_threads=default_threads(), streams=not kv_unified,
             )
         except BaseException:
             self.close()
@@ -191,6 +238,8 @@ class Fuser:
             "gpu": bool(gpu and n_gpu_layers != 0),
             "flash_attn": flash_attn,
             "kv_type": kv_type,
+            "kv_unified": kv_unified,
+            "slots_reason": self.slots_reason,
             "prefix_cache": prefix_cache,
             "prefix_tokens": n_prefix,
         }
@@ -259,7 +308,7 @@ class Fuser:
                 except _RowError as exc:
                     skipped.append(FuseResult(i, "", [], "skipped", 0, False, str(exc)))
         counters = self._scheduler.counters
-        base_calls, base_tokens = counters.decode_calls, counters.evaluated_tokens
+        base = _counter_values(counters)
         held: dict[int, FuseResult] = {}
         next_index = 0
         steps = self._scheduler.run(prompts(), lambda: self._stop)
@@ -269,9 +318,10 @@ class Fuser:
                 finished = next(steps, None)
                 results = [self._result(finished)] if finished is not None else []
                 self.stats.elapsed_s += time.perf_counter() - started
-                self.stats.decode_calls += counters.decode_calls - base_calls
-                self.stats.evaluated_tokens += counters.evaluated_tokens - base_tokens
-                base_calls, base_tokens = counters.decode_calls, counters.evaluated_tokens
+                now = _counter_values(counters)
+                for name, value in now.items():
+                    setattr(self.stats, name, getattr(self.stats, name) + value - base[name])
+                base = now
                 if finished is None and self._stop:
                     break
                 if skipped:
@@ -325,6 +375,8 @@ class Fuser:
 
     def close(self) -> None:
         """Free the batch, context and model (idempotent)."""
+        if getattr(self, "_scheduler", None) is not None:
+            self._scheduler.close()
         for handle in (self._batch, self._ctx, self._model):
             if handle is not None:
                 handle.close()
@@ -341,6 +393,17 @@ class Fuser:
             self.close()
         except Exception:
             pass
+
+
+def _gpu_memory() -> dict | None:
+    """The GPU memory the KV cache can use: all GPU devices together (llama.cpp splits layers and
+    their KV cache across them), as reported after the model is loaded."""
+    gpus = [d for d in devices() if d["type"] == "gpu"]
+    if not gpus:
+        return None
+    names = sorted({d["description"] or d["name"] for d in gpus})
+    label = (f"{len(gpus)} x " if len(gpus) > 1 else "") + " + ".join(names)
+    return {"description": label, "free": sum(d["free"] for d in gpus), "total": sum(d["total"] for d in gpus)}
 
 
 def prompt_builder(model: Model, meta: dict) -> PromptBuilder:

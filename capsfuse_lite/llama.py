@@ -91,6 +91,57 @@ def max_parallel_sequences() -> int:
     return int(_lib().llama_max_parallel_sequences())
 
 
+_ggml = None
+
+
+def _ggml_lib():
+    """libggml (loaded with libllama by llama-cpp-python) for the device queries llama.h lacks."""
+    global _ggml
+    if _ggml is None:
+        lib = _lib()
+        base = Path(lib.__file__).resolve().parent / "lib"
+        override = os.environ.get("LLAMA_CPP_LIB_PATH")
+        folder = Path(override) if override else base
+        ggml = ctypes.CDLL(str(folder / "libggml.so"))
+        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+        ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        ggml.ggml_backend_dev_type.restype = ctypes.c_int
+        ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+            getattr(ggml, name).restype = ctypes.c_char_p
+            getattr(ggml, name).argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_dev_memory.restype = None
+        ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        _ggml = ggml
+    return _ggml
+
+
+_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+
+
+def devices() -> list[dict]:
+    """The compute devices of this llama.cpp build: ``name``, ``description``, ``type`` (cpu, gpu,
+    igpu, accel) and ``free``/``total`` memory in bytes as the backend reports them now."""
+    try:
+        ggml = _ggml_lib()
+    except (OSError, AttributeError):  # a build laid out differently: no device list
+        return []
+    out = []
+    for i in range(int(ggml.ggml_backend_dev_count())):
+        dev = ggml.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append({
+            "name": (ggml.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+            "description": (ggml.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+            "type": _DEVICE_TYPES.get(int(ggml.ggml_backend_dev_type(dev)), "other"),
+            "free": int(free.value),
+            "total": int(total.value),
+        })
+    return out
+
+
 def _read_string(fn, *args) -> str | None:
     """Call a llama.cpp ``(..., char *buf, size_t size) -> int32 length`` function, growing the buffer."""
     size = 256
@@ -230,72 +281,90 @@ class Model:
 
 
 class Batch:
-    """A ``llama_batch`` of up to ``capacity`` tokens, each in up to ``n_seq_max`` sequences."""
+    """A ``llama_batch`` of up to ``capacity`` tokens whose arrays are numpy buffers owned here, so
+    a whole decode step is filled with a few array assignments (no per-token ctypes calls). Each
+    token belongs to one sequence."""
 
-    def __init__(self, capacity: int, n_seq_max: int = 1):
-        self._lib = _lib()
+    def __init__(self, capacity: int):
+        lib = _lib()
         self.capacity = int(capacity)
-        self.n_seq_max = int(n_seq_max)
-        self._struct = self._lib.llama_batch_init(self.capacity, 0, self.n_seq_max)
-        if not self._struct.token:
-            raise LlamaError(f"llama_batch_init failed for {capacity} tokens")
-        self._token = np.ctypeslib.as_array(self._struct.token, shape=(self.capacity,))
-        self._pos = np.ctypeslib.as_array(self._struct.pos, shape=(self.capacity,))
-        self._n_seq = np.ctypeslib.as_array(self._struct.n_seq_id, shape=(self.capacity,))
-        self._logits = np.ctypeslib.as_array(self._struct.logits, shape=(self.capacity,))
+        if self.capacity < 1:
+            raise LlamaError(f"a batch needs a capacity of at least 1 token, got {capacity}")
+        self.token = np.zeros(self.capacity, dtype=np.int32)
+        self.pos = np.zeros(self.capacity, dtype=np.int32)
+        self.seq = np.zeros(self.capacity, dtype=np.int32)
+        self.output = np.zeros(self.capacity, dtype=np.int8)
+        self._n_seq_id = np.ones(self.capacity, dtype=np.int32)
+        seq_t = ctypes.POINTER(lib.llama_seq_id)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (seq_t * self.capacity)(
+            *(ctypes.cast(base + 4 * i, seq_t) for i in range(self.capacity))
+        )
+        self._struct = lib.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(ctypes.POINTER(lib.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(lib.llama_pos)),
+            n_seq_id=self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(seq_t)),
+            logits=self.output.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
         self.n_tokens = 0
+        self.n_outputs = 0  # tokens whose logits the next decode returns
 
     def clear(self) -> None:
-        self.n_tokens = 0
+        self.n_tokens = self.n_outputs = 0
         self._struct.n_tokens = 0
 
     @property
     def free(self) -> int:
         return self.capacity - self.n_tokens
 
-    def add(self, token: int, pos: int, seq_ids: Iterable[int], logits: bool) -> int:
-        """Append one token; returns its index in the batch (for :meth:`Context.logits`)."""
-        seq_ids = list(seq_ids)
+    def _reserve(self, n: int) -> int:
         i = self.n_tokens
-        if i >= self.capacity:
-            raise LlamaError(f"batch is full ({self.capacity} tokens)")
-        if not 0 < len(seq_ids) <= self.n_seq_max:
-            raise LlamaError(f"a token needs 1..{self.n_seq_max} sequence ids, got {len(seq_ids)}")
-        self._token[i] = token
-        self._pos[i] = pos
-        self._n_seq[i] = len(seq_ids)
-        row = self._struct.seq_id[i]
-        for j, s in enumerate(seq_ids):
-            row[j] = s
-        self._logits[i] = 1 if logits else 0
-        self.n_tokens = i + 1
+        if n < 1 or i + n > self.capacity:
+            raise LlamaError(f"cannot add {n} tokens to a batch with {self.capacity - i} free")
+        self.n_tokens = i + n
         self._struct.n_tokens = self.n_tokens
+        return i
+
+    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        """Append one token; returns its index in the batch."""
+        i = self._reserve(1)
+        self.token[i], self.pos[i], self.seq[i], self.output[i] = token, pos, seq_id, bool(logits)
+        self.n_outputs += bool(logits)
+        return i
+
+    def add_tokens(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> int:
+        """Append one token per entry, each with its logits requested (one decode step of many
+        sequences); returns the batch index of the first."""
+        n = len(tokens)
+        i = self._reserve(n)
+        self.token[i : i + n] = tokens
+        self.pos[i : i + n] = positions
+        self.seq[i : i + n] = seq_ids
+        self.output[i : i + n] = 1
+        self.n_outputs += n
         return i
 
     def add_sequence(self, tokens: Sequence[int], pos0: int, seq_id: int, logits_last: bool) -> int:
         """Append consecutive tokens of one sequence at positions pos0, pos0+1, ...; returns the
         batch index of the last one."""
         n = len(tokens)
-        i = self.n_tokens
-        if n == 0 or i + n > self.capacity:
-            raise LlamaError(f"cannot add {n} tokens to a batch with {self.capacity - i} free")
-        self._token[i : i + n] = tokens
-        self._pos[i : i + n] = np.arange(pos0, pos0 + n)
-        self._n_seq[i : i + n] = 1
-        self._logits[i : i + n] = 0
-        seq = self._struct.seq_id
-        for k in range(i, i + n):
-            seq[k][0] = seq_id
+        i = self._reserve(n)
+        self.token[i : i + n] = tokens
+        self.pos[i : i + n] = np.arange(pos0, pos0 + n)
+        self.seq[i : i + n] = seq_id
+        self.output[i : i + n] = 0
         if logits_last:
-            self._logits[i + n - 1] = 1
-        self.n_tokens = i + n
-        self._struct.n_tokens = self.n_tokens
+            self.output[i + n - 1] = 1
+            self.n_outputs += 1
         return i + n - 1
 
     def close(self) -> None:
-        if self._struct is not None:
-            self._lib.llama_batch_free(self._struct)
-            self._struct = None
+        """Nothing to free in llama.cpp (the arrays are numpy's); kept for the handle protocol."""
+        self._struct.n_tokens = 0
+        self.n_tokens = self.n_outputs = 0
 
     def __enter__(self) -> "Batch":
         return self
@@ -383,6 +452,23 @@ class Context:
         if rc == -1:
             raise LlamaError(f"llama_decode rejected the batch of {batch.n_tokens} tokens as invalid")
         raise LlamaError(f"llama_decode failed with code {rc}")
+
+    def synchronize(self) -> None:
+        """Wait for the last decode to finish (``llama_decode`` may return before a GPU is done)."""
+        self._check_open()
+        self._lib.llama_synchronize(self._handle)
+
+    def outputs(self, n_outputs: int) -> np.ndarray:
+        """The logits of the last decode as one (n_outputs, n_vocab) float32 view, one row per token
+        whose logits were requested, in batch order (``llama_get_logits``). The next decode
+        overwrites it: copy what must be kept."""
+        self._check_open()
+        if n_outputs < 1:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        ptr = self._lib.llama_get_logits(self._handle)
+        if not ptr:
+            raise LlamaError("llama_get_logits returned no logits (none were requested?)")
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
 
     def logits(self, index: int) -> np.ndarray:
         """The logits row of batch token ``index`` from the last decode: a float32 view that the next

@@ -24,6 +24,18 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def available_memory() -> int | None:
+    """Bytes of RAM the kernel says can be allocated without swapping (MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 _MIB = 1024 * 1024
 
 

@@ -1,7 +1,9 @@
 """Continuous batching over one llama.cpp context: slots, the shared prefix, KV bookkeeping.
 
 Sequence ids: with the prefix cache on, sequence 0 holds the instruction prefix (evaluated once);
-slot ``s`` owns the ``beams`` sequence ids ``base + s*beams ... base + s*beams + beams - 1``.
+slot ``s`` owns the ``beams`` sequence ids ``base + s*beams ... base + s*beams + beams - 1``. The KV
+cache is unified (one cache shared by all sequences; beam search) or made of one stream per
+sequence (greedy; see :mod:`capsfuse_lite.plan`).
 
 Every ``llama_decode`` packs, in this order:
 
@@ -16,17 +18,29 @@ cells. The shared part is copied from sequence 0 with ``llama_memory_seq_cp`` (p
 tokenization, so the model sees exactly the full prompt's ids). When a row finishes, its slot's
 sequences are removed (``llama_memory_seq_rm``), its reservation released, and the slot refilled
 in the same step.
+
+After a decode, the whole step is searched at once: one (outputs, vocab) logits view, the argmax of
+every row (greedy) or every beam's top ``2 x beams`` tokens and log-normaliser in a few vectorised
+passes (:class:`~capsfuse_lite.beams.RowTopK`, on worker threads for large steps), candidates merged
+per row (:func:`~capsfuse_lite.beams.merge_beams`); only the small per-row bookkeeping (finished
+hypotheses, stop rules) is Python. Beam forks copy KV membership only from the position where the
+two beams' histories diverge.
+
+Time is split into ``device_s`` (inside ``llama_decode`` and waiting for its results) and
+``host_s`` (everything else the scheduler does between decodes: search, KV bookkeeping, batch
+filling, admitting and tokenizing rows). On a GPU, host time is time the GPU waits.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
-from .beams import BeamSearch, GreedySearch, Hypothesis
+from .beams import BeamSearch, GreedySearch, Hypothesis, RowTopK, merge_beams
 from .errors import ConfigError
 from .llama import Batch, Context
 from .prompts import Prompt, common_prefix_length
@@ -67,6 +81,9 @@ class SchedulerCounters:
     decode_calls: int = 0
     evaluated_tokens: int = 0  # tokens passed to llama_decode (prefix, prompt chunks, beams)
     max_active_rows: int = 0
+    steps: int = 0  # decode steps of the main loop (the prefix's own decodes not included)
+    device_s: float = 0.0  # inside llama_decode + waiting for its results
+    host_s: float = 0.0  # the rest of the main loop (search, KV bookkeeping, batching, admission)
 
 
 @dataclass
@@ -79,16 +96,24 @@ class Scheduler:
     length_offset: int
     eos_id: int
     prefix_ids: list[int] | None  # None: prefix cache off
+    host_threads: int = 1  # threads for the vectorised search of large steps
+    streams: bool = False  # one KV stream per sequence (greedy), else one unified cache
     counters: SchedulerCounters = field(default_factory=SchedulerCounters)
 
     def __post_init__(self) -> None:
         base = 1 if self.prefix_ids is not None else 0
         self.slot_seqs = [[base + s * self.beams + b for b in range(self.beams)] for s in range(self.slots)]
+        if self.streams and self.beams != 1:
+            raise ConfigError("per-sequence KV streams need beams=1 (beam forks share cells in one cache)")
         if self.batch.capacity < self.slots * self.beams:
             raise ConfigError(
                 f"n_batch={self.batch.capacity} cannot hold one token for each of slots x beams = "
                 f"{self.slots * self.beams} sequences; raise n_batch or lower slots"
             )
+        self._top_k = RowTopK(self.host_threads)
+
+    def close(self) -> None:
+        self._top_k.close()
 
     # -- sizing -------------------------------------------------------------------------------
 
@@ -125,7 +150,7 @@ class Scheduler:
                 ctx.clear()
 
     def _run(self, prompts: Iterator[tuple[int, Prompt]], should_stop: Callable[[], bool]) -> Iterator[Finished]:
-        ctx, batch = self.ctx, self.batch
+        ctx, batch, counters = self.ctx, self.batch, self.counters
         reserved = self.prefix_len()
         if self.prefix_ids:
             for start in range(0, len(self.prefix_ids), batch.capacity):
@@ -138,6 +163,7 @@ class Scheduler:
         waiting: tuple[int, Prompt] | None = None
         exhausted = False
         while True:
+            step_start = time.perf_counter()
             # admit rows while a slot and KV space are free
             while free_slots and not exhausted:
                 if waiting is None:
@@ -146,7 +172,7 @@ class Scheduler:
                         exhausted = True
                         break
                 index, prompt = waiting
-                need = self.row_need(prompt)
+                need = 0 if self.streams else self.row_need(prompt)  # a stream holds any one row
                 if reserved + need > ctx.n_ctx:
                     if not active:
                         raise ConfigError(
@@ -159,54 +185,66 @@ class Scheduler:
                 reserved += need
             if not active:
                 return
-            self.counters.max_active_rows = max(self.counters.max_active_rows, len(active))
+            counters.max_active_rows = max(counters.max_active_rows, len(active))
 
             # one decode step
-            samplers = self._fill_batch(active)
-            self._decode()
-            finished: list[_Row] = []
-            for row, start, count in samplers:
-                logits = np.stack([ctx.logits(start + i) for i in range(count)])
-                parents = row.search.step(logits)
-                if row.search.done:
-                    finished.append(row)
-                else:
-                    self._fork(row, parents)
+            generating, completing = self._fill_batch(active)
+            device = self._decode()
+            finished = self._search(generating, completing, ctx.outputs(batch.n_outputs))
             for row in finished:
                 for seq in self.slot_seqs[row.slot]:
                     ctx.seq_rm(seq)
                 active.remove(row)
                 free_slots.append(row.slot)
                 reserved -= row.reserved
+            counters.steps += 1
+            counters.host_s += time.perf_counter() - step_start - device
+            for row in finished:
                 yield Finished(row.index, row.prompt, row.search.result())
             if should_stop():
                 return
 
-    def _decode(self) -> None:
+    def _decode(self) -> float:
+        """Evaluate the batch and wait for its results; returns the seconds that took."""
+        started = time.perf_counter()
         self.ctx.decode(self.batch)
+        self.ctx.synchronize()
+        elapsed = time.perf_counter() - started
+        self.counters.device_s += elapsed
         self.counters.decode_calls += 1
         self.counters.evaluated_tokens += self.batch.n_tokens
+        return elapsed
 
     def _admit(self, index: int, prompt: Prompt, slot: int, need: int) -> _Row:
         seq0 = self.slot_seqs[slot][0]
         shared = self.shared_len(prompt)
-        if shared > 0:
+        if shared > 0 and self.streams:
+            # across streams llama.cpp copies whole streams (on the device, at the next decode); the
+            # prefix stream holds only the prefix, of which the row keeps its shared part
+            self.ctx.seq_cp(PREFIX_SEQ, seq0)
+            if shared < self.prefix_len():
+                self.ctx.seq_rm(seq0, shared, -1)
+        elif shared > 0:
             self.ctx.seq_cp(PREFIX_SEQ, seq0, 0, shared)
         return _Row(index, prompt, slot, self._new_search(), [seq0], shared, need)
 
-    def _fill_batch(self, active: list[_Row]) -> list[tuple[_Row, int, int]]:
-        """Fill the batch; returns (row, first batch index, number of logits rows) to sample."""
+    def _fill_batch(self, active: list[_Row]) -> tuple[list[_Row], list[_Row]]:
+        """Fill the batch; returns the generating rows (one output per running beam, in order, first
+        in the batch) and the rows whose prompt completes in this step (one output each, after)."""
         batch = self.batch
         batch.clear()
-        samplers = []
-        for row in active:
-            if row.prefilling:
-                continue
-            pos = row.prompt_len + row.search.n_generated - 1
-            start = batch.n_tokens
-            for seq, token in zip(row.beam_seqs, row.search.last_tokens()):
-                batch.add(token, pos, (seq,), True)
-            samplers.append((row, start, len(row.beam_seqs)))
+        generating = [row for row in active if not row.prefilling]
+        if generating:
+            tokens: list[int] = []
+            positions: list[int] = []
+            seqs: list[int] = []
+            for row in generating:
+                last = row.search.last_tokens()
+                tokens += last
+                seqs += row.beam_seqs
+                positions += [row.prompt_len + row.search.n_generated - 1] * len(last)
+            batch.add_tokens(tokens, positions, seqs)
+        completing = []
         for row in active:
             if not row.prefilling:
                 continue
@@ -215,33 +253,76 @@ class Scheduler:
             ids = row.prompt.token_ids
             chunk = min(row.prompt_len - row.n_prefilled, batch.free)
             completes = row.n_prefilled + chunk == row.prompt_len
-            last = batch.add_sequence(ids[row.n_prefilled : row.n_prefilled + chunk], row.n_prefilled, row.beam_seqs[0], completes)
+            batch.add_sequence(ids[row.n_prefilled : row.n_prefilled + chunk], row.n_prefilled, row.beam_seqs[0], completes)
             row.n_prefilled += chunk
             if completes:
-                samplers.append((row, last, 1))
-        return samplers
+                completing.append(row)
+        return generating, completing
 
-    def _fork(self, row: _Row, parents: list[int]) -> None:
+    def _search(self, generating: list[_Row], completing: list[_Row], logits: np.ndarray) -> list[_Row]:
+        """Advance every row by one token from the step's logits; fork KV for beams; returns the
+        rows that finished."""
+        finished: list[_Row] = []
+        if self.beams == 1:
+            tokens = logits.argmax(axis=1).tolist()
+            for row, token in zip(generating + completing, tokens):
+                row.search.advance(token)
+                if row.search.done:
+                    finished.append(row)
+            return finished
+        k = 2 * self.beams
+        top_tokens, top_values, log_norm = self._top_k(logits, k)
+        advances: list[tuple[_Row, list]] = []
+        n_gen = len(generating) * self.beams
+        if generating:
+            beam_lp = np.array([row.search.beam_logprobs() for row in generating], dtype=np.float64)
+            shape = (len(generating), self.beams)
+            scores, parents, tokens = merge_beams(top_tokens[:n_gen].reshape(*shape, -1), top_values[:n_gen].reshape(*shape, -1),
+                                                  log_norm[:n_gen].reshape(shape), beam_lp, k)
+            for row, s, p, t in zip(generating, scores.tolist(), parents.tolist(), tokens.tolist()):
+                advances.append((row, list(zip(s, p, t))))
+        if completing:
+            scores = top_values[n_gen:].astype(np.float64) - log_norm[n_gen:, None]
+            for row, s, t in zip(completing, scores.tolist(), top_tokens[n_gen:].tolist()):
+                advances.append((row, list(zip(s, [0] * len(s), t))))
+        for row, candidates in advances:
+            before = [beam.tokens for beam in row.search.running]
+            parents = row.search.advance(candidates)
+            if row.search.done:
+                finished.append(row)
+            else:
+                self._fork(row, parents, before)
+        return finished
+
+    def _fork(self, row: _Row, parents: list[int], histories_before: list[list[int]]) -> None:
         """Give new beam ``j`` the KV history of old beam ``parents[j]``: the first child of a parent
         keeps the parent's sequence, other children get a free sequence of the slot holding a copy
         (``llama_memory_seq_cp``; cells are shared, nothing is re-evaluated). Sequences of beams that
-        have no child are emptied."""
+        have no child are emptied. A sequence that held another beam's history keeps the cells the
+        two histories share (positions before they diverge) and exchanges only the rest."""
         old = row.beam_seqs
+        if parents == list(range(len(old))):
+            return
         new: list[int | None] = [None] * len(parents)
         claimed: set[int] = set()
         for j, p in enumerate(parents):
             if old[p] not in claimed:
                 claimed.add(old[p])
                 new[j] = old[p]
+        histories = dict(zip(old, histories_before))  # every token of an old beam is in its KV
         spare = [s for s in self.slot_seqs[row.slot] if s not in claimed]
+        ctx = self.ctx
         for j, p in enumerate(parents):
             if new[j] is None:
-                dst = spare.pop(0)
-                self.ctx.seq_rm(dst)
-                self.ctx.seq_cp(old[p], dst)
+                dst, src = spare.pop(0), old[p]
+                if dst in histories:  # a beam without children: keep the shared history
+                    start = row.prompt_len + common_prefix_length(histories[dst], histories[src])
+                    ctx.seq_rm(dst, start, -1)
+                    ctx.seq_cp(src, dst, start, -1)
+                else:  # an unused sequence of the slot: empty
+                    ctx.seq_cp(src, dst)
                 new[j] = dst
         for s in spare:
-            if s in old:
-                self.ctx.seq_rm(s)
+            if s in histories:
+                ctx.seq_rm(s)
         row.beam_seqs = new
-

@@ -169,8 +169,11 @@ def test_settings_default_from_gguf_metadata(tiny_gguf_f32, caplog):
     assert settings["max_new_tokens"] == meta.get(defaults.KEY_MAX_NEW_TOKENS, defaults.MAX_NEW_TOKENS)
     assert settings["length_offset"] == meta.get(defaults.KEY_LENGTH_OFFSET, defaults.LENGTH_OFFSET)
     assert settings["n_seq_max"] == 2 * 3 + 1
-    worst = settings["prefix_tokens"] + 2 * (defaults.MAX_INPUT_TOKENS + 3 * settings["max_new_tokens"])
-    assert settings["n_ctx"] >= worst
+    # the shared prefix is held once; each slot reserves its own prompt tokens beyond it and 3 beams
+    own_prompt = defaults.MAX_INPUT_TOKENS - (settings["prefix_tokens"] - 1)
+    worst = settings["prefix_tokens"] + 2 * (own_prompt + 3 * settings["max_new_tokens"])
+    assert worst <= settings["n_ctx"] < worst + 256  # padded to llama.cpp's 256-cell granularity
+    assert settings["kv_unified"] is True  # beams fork by sharing cells
     assert info["file_type"] and info["file_size"] == tiny_gguf_f32.stat().st_size
     notices = [r for r in caplog.records if "no GPU support" in r.getMessage()]
     if supports_gpu_offload():
