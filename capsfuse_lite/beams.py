@@ -120,6 +120,12 @@ def _fold_shape(vocab: int) -> tuple[int, int]:
 def _chunk_top_k(x: np.ndarray, k: int, scratch: np.ndarray, tokens: np.ndarray, values: np.ndarray,
                  log_norm: np.ndarray) -> None:
     """:func:`row_top_k` for one chunk of rows, writing into the given output slices."""
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits: a broken model, not a crash
+        _chunk_top_k_impl(x, k, scratch, tokens, values, log_norm)
+
+
+def _chunk_top_k_impl(x: np.ndarray, k: int, scratch: np.ndarray, tokens: np.ndarray, values: np.ndarray,
+                      log_norm: np.ndarray) -> None:
     rows, vocab = x.shape
     width, times = _fold_shape(vocab)
     span = width * times

@@ -30,7 +30,7 @@ ENGINE = "capsfuse-lite"
 GPU_ALL_LAYERS = -1  # "all layers" for both the engine and llama_cpp.Llama
 MIN_REPEATS = 2
 # Slot counts measured when none are given: a GPU keeps gaining far past a CPU's 16.
-DEFAULT_SLOTS = {"cpu": (1, 4, 8, 16), "gpu": (1, 8, 16, 32, 64)}
+DEFAULT_SLOTS = {"cpu": (1, 4, 8, 16), "gpu": (8, 16, 32, 64, 96, 128)}
 # Recommended slots: the fewest whose rows/s is within this fraction of the best measured.
 SLOTS_GAIN_THRESHOLD = 0.05
 
@@ -174,6 +174,11 @@ class FuserRunner:
         for res in self._fuser.fuse(pairs, ordered=True):
             yield RowFigures(res.prompt_tokens, len(res.token_ids))
 
+    def step_counters(self) -> tuple[int, float, float]:
+        """(decode steps, host seconds, device seconds) so far (see FuserStats)."""
+        st = self._fuser.stats
+        return st.steps, st.host_s, st.device_s
+
     def describe(self) -> dict:
         return dict(self._fuser.settings) if self._fuser is not None else {}
 
@@ -209,12 +214,17 @@ class RunFigures:
     prompt_tokens: int
     generated_tokens: int
     foreign_cpu_load: float | None = None  # cores other processes kept busy meanwhile
+    steps: int | None = None  # engine only: decode steps of the pass
+    host_s: float | None = None  # engine only: its own work between decodes
+    device_s: float | None = None  # engine only: inside llama_decode and waiting for its results
 
 
 def time_run(runner, pairs: list[Pair]) -> RunFigures:
     """Run all rows once; the clock covers the whole iterator, first result included."""
     rows = prompt = generated = 0
     first = None
+    counters = getattr(runner, "step_counters", None)
+    before = counters() if counters else None
     with CpuLoadMeter() as load:
         start = time.perf_counter()
         for fig in runner.run(pairs):
@@ -224,7 +234,11 @@ def time_run(runner, pairs: list[Pair]) -> RunFigures:
             prompt += fig.prompt_tokens
             generated += fig.generated_tokens
         elapsed = time.perf_counter() - start
-    return RunFigures(elapsed, first if first is not None else elapsed, rows, prompt, generated, load.foreign_load)
+    figures = RunFigures(elapsed, first if first is not None else elapsed, rows, prompt, generated, load.foreign_load)
+    if before is not None:
+        after = counters()
+        figures.steps, figures.host_s, figures.device_s = (a - b for a, b in zip(after, before))
+    return figures
 
 
 def summarize(runs: list[RunFigures]) -> dict:
@@ -243,6 +257,20 @@ def summarize(runs: list[RunFigures]) -> dict:
         "generated_tokens_per_s": generated / elapsed,
         "prompt_tokens_per_s": prompt / elapsed,
         "time_to_first_result_s": med(r.first_result_s for r in runs),
+        **_step_figures(runs),
+    }
+
+
+def _step_figures(runs: list[RunFigures]) -> dict:
+    """Engine passes: host and device milliseconds per decode step (medians over the passes)."""
+    if not runs or any(r.steps is None or not r.steps for r in runs):
+        return {}
+    med = statistics.median
+    return {
+        "steps": med(r.steps for r in runs),
+        "host_ms_per_step": med(1e3 * r.host_s / r.steps for r in runs),
+        "device_ms_per_step": med(1e3 * r.device_s / r.steps for r in runs),
+        "host_share": med(r.host_s / (r.host_s + r.device_s) for r in runs if r.host_s + r.device_s > 0),
     }
 
 
@@ -286,15 +314,17 @@ def measure_config(opts: BenchOptions, spec: ConfigSpec, max_new_tokens: int) ->
 
 
 def add_ratios(results: list[dict]) -> None:
-    """ratio_<baseline> = rows/s of a configuration over the baseline's rows/s on the same device."""
-    base = {(r["device"], r["system"]): r for r in results if r["system"] != ENGINE and r["status"] == "ok"}
+    """ratios[<baseline>] = rows/s of a configuration over the baseline's rows/s, only between equal
+    decoding settings: same device and same beam count (the loop baseline is greedy, hf-upstream
+    runs 3 beams), so no ratio mixes greedy with beam-search work."""
+    base = [r for r in results if r["system"] != ENGINE and r["status"] == "ok"]
     for r in results:
         r["ratios"] = {}
         if r["status"] != "ok":
             continue
-        for (device, system), b in base.items():
-            if device == r["device"] and system != r["system"]:
-                r["ratios"][system] = r["rows_per_s"] / b["rows_per_s"]
+        for b in base:
+            if b["device"] == r["device"] and b["beams"] == r["beams"] and b["system"] != r["system"]:
+                r["ratios"][b["system"]] = r["rows_per_s"] / b["rows_per_s"]
 
 
 def recommend_slots(results: list[dict], threshold: float = SLOTS_GAIN_THRESHOLD) -> list[dict]:
@@ -333,6 +363,8 @@ def recommend_slots(results: list[dict], threshold: float = SLOTS_GAIN_THRESHOLD
             recs.append({
                 "device": device, "beams": beams, "prefix_cache": cache, "slots": pick["slots"],
                 "rows_per_s": pick["rows_per_s"], "reason": reason,
+                # a knee to remember for --slots auto: throughput levelled off or memory ran out
+                "remember": pick is not usable[-1] or failed is not None,
             })
     return recs
 
@@ -387,7 +419,22 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     if engine_info:
         report["engine_settings_example"] = engine_info
     report["machine"]["platform"] = platform.platform()
+    report["devices"] = _device_names(opts.devices)
     return report
+
+
+def _device_names(kinds: list[str]) -> dict:
+    """The name ``--slots auto`` knows each measured device by (see plan.choose_slots)."""
+    names = {}
+    if "cpu" in kinds:
+        names["cpu"] = "CPU"
+    if "gpu" in kinds:
+        from .engine import _gpu_memory
+
+        gpu = _gpu_memory()
+        if gpu:
+            names["gpu"] = gpu["description"]
+    return names
 
 
 def write_report(report: dict, path: str | Path) -> Path:
@@ -396,6 +443,38 @@ def write_report(report: dict, path: str | Path) -> Path:
     path = Path(path)
     write_json_atomic(path, report)
     return path
+
+
+def remember_recommendations(report: dict) -> list[Path]:
+    """Store each recommended slot count as this device's throughput knee for the model's shape, so
+    that ``--slots auto`` uses it (see :mod:`capsfuse_lite.plan`)."""
+    from .plan import ModelShape, remember_knee
+
+    shape = ModelShape.from_gguf(report["model"]["path"])
+    stored = []
+    for rec in report.get("recommended_slots", []):
+        device = report.get("devices", {}).get(rec["device"])
+        if device and rec.get("remember", True):
+            path = remember_knee(device, shape, rec["beams"], rec["slots"])
+            if path is not None:
+                stored.append(path)
+    return stored
+
+
+def plot_report_subprocess(report_path: str | Path, png: str | Path) -> Path | None:
+    """:func:`plot_report` in a fresh Python process, so that matplotlib's C++ libraries never share a
+    process with llama.cpp's (a CUDA build with a private libstdc++ crashed when matplotlib came
+    after it); None when matplotlib is not installed or the plot failed."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from capsfuse_lite.bench import plot_report; "
+            "r = plot_report(json.load(open(sys.argv[1])), sys.argv[2]); sys.exit(0 if r else 3)")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(report_path), str(png)], capture_output=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Path(png) if done.returncode == 0 and Path(png).is_file() else None
 
 
 def plot_report(report: dict, path: str | Path) -> Path | None:

@@ -43,6 +43,13 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
 
 
+def native_first() -> None:
+    """Load llama.cpp's shared libraries before anything imports numpy or pyarrow (a CUDA build with a
+    private libstdc++ crashes otherwise; see capsfuse_lite.llama). Commands that may load a model call
+    this first; --help and the other commands stay light."""
+    from . import llama  # noqa: F401
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"capsfuse-lite {__version__}")

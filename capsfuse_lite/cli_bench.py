@@ -80,10 +80,14 @@ def bench(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report.")] = False,
 ) -> None:
     """Rows/s, tokens/s, first-result latency and peak memory per slot count, against the baselines."""
+    from .cli import native_first
+
+    native_first()
     with user_errors():
         from rich.console import Console
 
-        from .bench import BenchOptions, load_pairs, plot_report, repeat_to, run_bench, write_report
+        from .bench import (BenchOptions, load_pairs, plot_report_subprocess, remember_recommendations, repeat_to,
+                            run_bench, write_report)
 
         if output.exists() and not force:
             raise OutputExistsError(f"{output} exists; pass --force to overwrite it or -o another path")
@@ -114,7 +118,10 @@ def bench(
         Console().print(report_table(report))
         for rec in report["recommended_slots"]:
             console.print(f"recommended --slots for {rec['device']}, beams={rec['beams']}: [bold]{rec['slots']}[/] ({rec['reason']})")
-        png = plot_report(report, output.with_suffix(".png"))
+        stored = remember_recommendations(report)
+        if stored:
+            console.print(f"remembered as this device's knee for --slots auto: {stored[0]}", highlight=False)
+        png = plot_report_subprocess(output, output.with_suffix(".png"))
         console.print(f"report: {output}" + (f", plot: {png}" if png else " (pip install 'capsfuse-lite[plot]' for a plot)"))
 
 
@@ -135,8 +142,12 @@ def report_table(report: dict):
     table = Table(title=f"{Path(report['model']['path']).name} ({report['model'].get('quant') or '?'}): "
                         f"{s['rows']} rows, max {s['max_new_tokens']} new tokens, {s['n_threads']} threads, "
                         f"median of {s['repeats']}")
+    steps = any(r.get("host_ms_per_step") is not None for r in results)
     for col in ("configuration", "rows/s", "gen tok/s", "prompt tok/s", "first result s", "peak RSS MiB"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
+    if steps:
+        table.add_column("host ms/step", justify="right")
+        table.add_column("device ms/step", justify="right")
     if gpu:
         table.add_column("GPU MiB", justify="right")
     for b in ratio_cols:
@@ -148,6 +159,8 @@ def report_table(report: dict):
         cells = [r["name"], _fmt(r["rows_per_s"], ".2f"), _fmt(r["generated_tokens_per_s"], ".1f"),
                  _fmt(r["prompt_tokens_per_s"], ".0f"), _fmt(r["time_to_first_result_s"], ".2f"),
                  _fmt(r["peak_rss_mib"], ".0f")]
+        if steps:
+            cells += [_fmt(r.get("host_ms_per_step"), ".2f"), _fmt(r.get("device_ms_per_step"), ".2f")]
         if gpu:
             cells.append(_fmt(r.get("peak_gpu_mib"), ".0f"))
         cells += [_fmt(r["ratios"].get(b), ".2f") for b in ratio_cols]

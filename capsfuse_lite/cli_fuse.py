@@ -21,7 +21,7 @@ def _resume_command(cfg, resume: bool = True) -> str:
                ("--raw-field", cfg.raw_field, defaults.RAW_FIELD),
                ("--synthetic-field", cfg.synthetic_field, defaults.SYNTHETIC_FIELD),
                ("--output-field", cfg.output_field, defaults.OUTPUT_FIELD),
-               ("--slots", cfg.slots, None), ("--beams", cfg.beams, None), ("--max-new-tokens", cfg.max_new_tokens, None),
+               ("--slots", cfg.slots, "auto"), ("--beams", cfg.beams, None), ("--max-new-tokens", cfg.max_new_tokens, None),
                ("--n-gpu-layers", cfg.n_gpu_layers, None), ("--ctx", cfg.n_ctx, None), ("--threads", cfg.n_threads, None),
                ("--limit", cfg.limit, None), ("--shard", f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else None, None)]
     for flag, value, default in options:
@@ -72,7 +72,7 @@ def fuse(
     raw_field: Annotated[str, typer.Option(help="Column with the raw alt-text (Sentence 1).")] = defaults.RAW_FIELD,
     synthetic_field: Annotated[str, typer.Option(help="Column with the synthetic caption (Sentence 2).")] = defaults.SYNTHETIC_FIELD,
     output_field: Annotated[str, typer.Option(help="Column for the fused caption.")] = defaults.OUTPUT_FIELD,
-    slots: Annotated[Optional[int], typer.Option(help="Rows decoded at once (continuous batching). Default: the engine's.")] = None,
+    slots: Annotated[str, typer.Option(help="Rows decoded at once (continuous batching): a number, or auto = the most that fit the GPU's free memory up to the throughput knee (CPU: 16 greedy, 8 with beams; `capsfuse-lite bench` measures and remembers your device's knee).")] = "auto",
     beams: Annotated[Optional[int], typer.Option(help="Beam width (1 = greedy). Default: the GGUF's capsfuse.num_beams (3).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Token limit per caption. Default: the GGUF's capsfuse.max_new_tokens (80).")] = None,
     n_gpu_layers: Annotated[Optional[int], typer.Option(help="Layers offloaded to the GPU. Default: all when a GPU is available.")] = None,
@@ -86,15 +86,17 @@ def fuse(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of a progress bar.")] = False,
 ) -> None:
     """Fuse raw alt-texts and synthetic captions into CapsFusion captions, row by row."""
-    from .cli import user_errors
+    from .cli import native_first, user_errors
+
+    native_first()
     from .models import resolve_model, terminal_confirm
     from .progress import make_progress, print_summary
-    from .runner import FuseConfig, FuseRun, parse_shard
+    from .runner import FuseConfig, FuseRun, parse_shard, parse_slots
 
     with user_errors():
         cfg = FuseConfig(
             input=input, output=output, model=None, input_format=input_format, output_format=output_format,
-            raw_field=raw_field, synthetic_field=synthetic_field, output_field=output_field, slots=slots,
+            raw_field=raw_field, synthetic_field=synthetic_field, output_field=output_field, slots=parse_slots(slots),
             beams=beams, max_new_tokens=max_new_tokens, n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_threads=threads,
             limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
         progress = make_progress(quiet)

@@ -21,7 +21,7 @@ from .errors import ConfigError, ModelLoadError
 from .llama import Batch, Context, LlamaError, Model, devices, set_verbose, supports_gpu_offload  # first: loads llama.cpp
 from .machine import available_memory, default_threads
 from .models import gguf_defaults
-from .plan import ModelShape, choose_slots, kv_layout
+from .plan import ModelShape, choose_layout, kv_layout
 from .prompts import Prompt, PromptBuilder, common_prefix_length
 from .scheduler import Finished, Scheduler
 
@@ -171,17 +171,17 @@ class Fuser:
                     f"exceeds the {model.n_ctx_train} positions {model.path.name} was trained for; use at most "
                     f"{model.n_ctx_train - max_input_tokens} (--max-new-tokens)"
                 )
-            if kv_unified is None:
-                kv_unified = beams > 1 or n_ctx is not None
-            elif not kv_unified and n_ctx is not None:
-                raise ConfigError("n_ctx sizes a unified KV cache; with per-sequence streams (kv_unified=False) leave it unset")
+            if n_ctx is not None:
+                if kv_unified is False:
+                    raise ConfigError("n_ctx sizes a unified KV cache; with per-sequence streams (kv_unified=False) leave it unset")
+                kv_unified = True
             shared_min = max(0, common_prefix_length(prefix_ids, probe.token_ids) - 1) if prefix_ids else 0
             on_gpu = bool(gpu and n_gpu_layers != 0)
             device = _gpu_memory() if on_gpu else None
             gpu_fraction = 1.0 if n_gpu_layers < 0 or n_gpu_layers >= model.n_layer else n_gpu_layers / model.n_layer
-            choice = choose_slots(
+            kv_unified, choice = choose_layout(
                 requested=slots, shape=shape, beams=beams, max_input=max_input_tokens, max_new=max_new_tokens,
-                n_prefix=n_prefix, shared_min=shared_min, unified=kv_unified, kv_type=kv_type, device=device,
+                n_prefix=n_prefix, shared_min=shared_min, kv_unified=kv_unified, kv_type=kv_type, device=device,
                 gpu_fraction=gpu_fraction, n_ubatch=min(n_batch or 512, 512),
                 host_available=None if on_gpu else available_memory(),
             )

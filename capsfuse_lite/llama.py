@@ -8,21 +8,32 @@ that frees it in ``close()`` (also via ``with``), and C return codes become Pyth
   llama.cpp frees it with the model).
 - :class:`Context` -- ``llama_context`` with its memory (KV cache): ``decode``, logits,
   ``llama_memory_seq_*`` operations.
-- :class:`Batch`   -- ``llama_batch`` from ``llama_batch_init``.
+- :class:`Batch`   -- a ``llama_batch`` whose arrays are numpy buffers owned here.
 
 llama.cpp's own log lines are hidden unless :func:`set_verbose` is on (errors are always shown).
+
+Importing this module loads llama.cpp's shared libraries, on purpose before numpy: a CUDA build of
+llama-cpp-python whose ``libggml-cuda.so`` carries (and exports) its own copy of libstdc++ crashed
+in ``llama_model_load_from_file`` when numpy's C++ runtime had been loaded first (issue 8).
+:func:`libstdcxx_hazard` detects such a build; :class:`Model` refuses to load it, with a clear
+message, when numpy was imported before llama.cpp.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
 import sys
-import threading
-from pathlib import Path
-from typing import Iterable, Sequence
 
-import numpy as np
+_NUMPY_FIRST = "numpy" in sys.modules and "llama_cpp.llama_cpp" not in sys.modules
+
+import llama_cpp.llama_cpp  # noqa: E402,F401  (loads libllama and the ggml libraries before numpy)
+
+import ctypes  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 from .errors import ConfigError, ModelLoadError
 
@@ -50,9 +61,9 @@ _log_callback = None  # keeps the ctypes callback alive for as long as llama.cpp
 
 
 def _lib():
-    """Import the bindings, initialise the backend once and install the log filter."""
+    """The bindings, with the backend initialised once and the log filter installed."""
     global _initialised, _log_callback
-    import llama_cpp.llama_cpp as lib
+    lib = llama_cpp.llama_cpp
 
     if _initialised:
         return lib
@@ -72,6 +83,56 @@ def _lib():
             lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
             _initialised = True
     return lib
+
+
+# std::basic_ostream<char>::_M_insert<long>: where the reported crash resolved into libggml-cuda.so
+_HAZARD_SYMBOL = b"_ZNSo9_M_insertIlEERSoT_"
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def libstdcxx_hazard() -> str | None:
+    """The file name of a llama.cpp/ggml library of this build that defines libstdc++'s own
+    ``std::ostream`` code itself (a private, exported libstdc++ copy), else None.
+
+    ``dlsym`` on a library handle also searches that library's dependencies, so the defining object
+    is asked of ``dladdr``: a hazard is a definition that does not come from libstdc++.so.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        dladdr = libc.dladdr
+    except (OSError, AttributeError):
+        return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.llama_cpp.__file__).resolve().parent / "lib")
+    for path in sorted(folder.glob("lib*.so")):
+        try:
+            handle = ctypes.CDLL(str(path))
+            address = ctypes.cast(getattr(handle, _HAZARD_SYMBOL.decode()), ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+        info = _DlInfo()
+        if address and dladdr(address, ctypes.byref(info)) and info.dli_fname:
+            owner = Path(info.dli_fname.decode(errors="replace")).name
+            if not owner.startswith("libstdc++"):
+                return owner
+    return None
+
+
+def _check_load_order() -> None:
+    if not _NUMPY_FIRST or os.environ.get("CAPSFUSE_LITE_ALLOW_NUMPY_FIRST"):
+        return
+    owner = libstdcxx_hazard()
+    if owner:
+        raise ModelLoadError(
+            f"this llama-cpp-python build's {owner} carries its own copy of libstdc++, and numpy was imported "
+            "before llama.cpp: loading a model would crash. Import capsfuse_lite (or llama_cpp) before numpy, "
+            "or reinstall llama-cpp-python with the CUDA line in capsfuse-lite's README "
+            "(set CAPSFUSE_LITE_ALLOW_NUMPY_FIRST=1 to try anyway)"
+        )
 
 
 def set_verbose(verbose: bool) -> None:
@@ -218,6 +279,7 @@ class Model:
         self._handle = None
         if not self.path.is_file():
             raise ModelLoadError(f"model file {self.path} does not exist; pass the path of a GGUF made by `capsfuse-lite convert`")
+        _check_load_order()
         params = self._lib.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
         params.vocab_only = bool(vocab_only)

@@ -212,6 +212,33 @@ def choose_slots(*, requested: int | str, shape: ModelShape, beams: int, max_inp
                              f"knee: {knee_text}")
 
 
+STREAMS_MIN_SHARE = 0.75  # auto layout (greedy): streams unless they fit < 75 % of unified's slots
+
+
+def choose_layout(*, requested: int | str, shape: ModelShape, beams: int, kv_unified: bool | None,
+                  max_input: int, max_new: int, n_prefix: int, shared_min: int, kv_type: str,
+                  device: dict | None, **kw) -> tuple[bool, SlotChoice]:
+    """(unified, slots): the KV layout and the slot count. ``kv_unified=None`` picks: unified for
+    beam search (forks share cells); for greedy, per-sequence streams (faster attention), unless
+    their whole-row streams (a 512-cell stream per sequence) fit so much less memory than a unified
+    cache that they would run under ``STREAMS_MIN_SHARE`` of its slots."""
+    args = dict(requested=requested, shape=shape, beams=beams, max_input=max_input, max_new=max_new,
+                n_prefix=n_prefix, shared_min=shared_min, kv_type=kv_type, device=device, **kw)
+    if kv_unified is not None or beams > 1:
+        unified = True if kv_unified is None else kv_unified
+        return unified, choose_slots(unified=unified, **args)
+    try:
+        streams = choose_slots(unified=False, **args)
+    except ConfigError:
+        return True, choose_slots(unified=True, **args)
+    if requested != "auto":
+        return False, streams
+    unified = choose_slots(unified=True, **args)
+    if streams.slots >= STREAMS_MIN_SHARE * unified.slots:
+        return False, streams
+    return True, SlotChoice(unified.slots, unified.reason + f" (per-sequence streams would fit only {streams.slots})")
+
+
 def _largest_fitting(fits, upper: int) -> int:
     """Largest s in [0, upper] with fits(s) (fits is monotone: more slots never need less)."""
     lo, hi = 0, upper

@@ -60,6 +60,19 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def parse_slots(text: str | int | None) -> int | str:
+    """``--slots``: ``auto`` or a positive integer."""
+    if text is None or text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--slots {text!r}: give a number of rows decoded at once, e.g. --slots 32, or auto") from None
+    if value < 1:
+        raise ConfigError(f"--slots must be at least 1, got {value}")
+    return value
+
+
 def caption_pair(row: dict, raw_field: str, synthetic_field: str) -> tuple[str, str, str | None]:
     """``(raw, synthetic, None)`` for a usable row, else ``("", "", reason)``."""
     values = []
@@ -102,7 +115,7 @@ class FuseConfig:
     raw_field: str = defaults.RAW_FIELD
     synthetic_field: str = defaults.SYNTHETIC_FIELD
     output_field: str = defaults.OUTPUT_FIELD
-    slots: int | None = None
+    slots: int | str = "auto"  # rows decoded at once, or "auto" (see capsfuse_lite.plan)
     beams: int | None = None
     max_new_tokens: int | None = None
     n_gpu_layers: int | None = None
@@ -116,7 +129,8 @@ class FuseConfig:
 
     def __post_init__(self) -> None:
         self.input, self.output = Path(self.input), Path(self.output)
-        flags = {"slots": "--slots", "beams": "--beams", "max_new_tokens": "--max-new-tokens", "n_ctx": "--ctx",
+        self.slots = parse_slots(self.slots)
+        flags = {"beams": "--beams", "max_new_tokens": "--max-new-tokens", "n_ctx": "--ctx",
                  "n_threads": "--threads"}
         for name, flag in flags.items():
             value = getattr(self, name)
@@ -300,6 +314,9 @@ class FuseRun:
         kwargs["beams"] = fingerprint["beams"]
         kwargs["max_new_tokens"] = fingerprint["max_new_tokens"]
         self.fuser = self.fuser_factory(Path(cfg.model), **kwargs)
+        reason = getattr(self.fuser, "slots_reason", None)
+        if reason:
+            self.progress.note(reason)
         if self._stop:  # Ctrl-C while the model loaded
             return
         for result in self.fuser.fuse(itertools.chain([first], pending), ordered=False):
