@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import threading
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from fake_fuser import FakeFuser, fake_caption
+from typer.testing import CliRunner
 
 from capsfuse_lite import records
 from capsfuse_lite.errors import ConfigError, InputFileError
@@ -421,6 +424,15 @@ def test_semicolon_csv_round_trips_with_its_delimiter(tmp_path):
         assert read_all(tmp_path / out, csv_delimiter=delimiter or ";") == rows
 
 
+def test_merge_keeps_the_delimiter_of_semicolon_parts(tmp_path):
+    from capsfuse_lite.shards import merge_shards
+
+    for i, rows in enumerate((["a0", "a2"], ["a1"])):
+        (tmp_path / f"p{i}.csv").write_text("id;text\n" + "".join(f"{r};x, y\n" for r in rows))
+    assert merge_shards([tmp_path / "p0.csv", tmp_path / "p1.csv"], tmp_path / "all.csv.gz", csv_delimiter=";") == 3
+    assert gzip.decompress((tmp_path / "all.csv.gz").read_bytes()).decode() == "id;text\r\na0;x, y\r\na1;x, y\r\na2;x, y\r\n"
+
+
 @pytest.mark.parametrize("sep, option", [(";", "--csv-delimiter ';'"), ("\t", "--csv-delimiter tab"), ("|", "--csv-delimiter '|'")])
 def test_one_column_header_suggests_the_delimiter(tmp_path, sep, option):
     path = tmp_path / "in.csv"
@@ -550,3 +562,68 @@ def test_json_field_present_in_no_row_is_an_error(tmp_path):
 def test_missing_input(tmp_path):
     with pytest.raises(InputFileError, match="no such file"):
         open_reader(tmp_path / "nope.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Through `capsfuse-lite fuse` (the fake engine stands in for the model)
+
+MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"  # a real GGUF header
+
+
+@pytest.fixture
+def fuse_cli(tmp_path, monkeypatch):
+    from capsfuse_lite import engine
+    from capsfuse_lite.cli import app
+
+    monkeypatch.setenv("CAPSFUSE_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine, "Fuser", FakeFuser)
+
+    def run(*args):
+        result = CliRunner().invoke(app, ["fuse", *map(str, args), "--model", str(MODEL), "--quiet"])
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result
+
+    return run
+
+
+def fused(rows):
+    return [fake_caption(r["laion_2b"], r["laion_coco"], 80)[0] for r in rows]
+
+
+def test_fuse_reads_and_writes_compressed_files_and_semicolon_csv(tmp_path, sample_rows, fuse_cli):
+    rows = sample_rows[:6]
+    src = tmp_path / "in.csv.gz"
+    write_rows(src, "csv", rows, csv_delimiter=";")
+    result = fuse_cli(src, "-o", tmp_path / "out.jsonl.gz")  # no --csv-delimiter: told which one
+    assert result.exit_code == 2 and "--csv-delimiter ';'" in result.stderr and "Traceback" not in result.output
+    result = fuse_cli(src, "-o", tmp_path / "out.jsonl.gz", "--csv-delimiter", ";")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out.jsonl.gz"
+    assert out.read_bytes()[:2] == b"\x1f\x8b"
+    assert [r["capsfusion"] for r in read_all(out)] == fused(rows)
+    result = fuse_cli(src, "-o", tmp_path / "out.csv", "--csv-delimiter", "semicolon")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.csv").read_text().startswith("laion_2b;laion_coco;capsfuion_official;capsfusion;")
+    assert [r["capsfusion"] for r in read_all(tmp_path / "out.csv", csv_delimiter=";")] == fused(rows)
+    command = json.loads((tmp_path / "out.csv.meta.json").read_text())["command"]
+    assert ["--csv-delimiter", ";"] == shlex.split(command)[shlex.split(command).index("--csv-delimiter"):][:2]
+
+
+def test_fuse_input_format_combines_with_compression_and_bad_gzip_is_one_line(tmp_path, sample_rows, fuse_cli):
+    src = tmp_path / "dump.txt.zst"
+    write_rows(src, "jsonl", sample_rows[:4], compression="zstd")
+    result = fuse_cli(src, "-o", tmp_path / "out.json", "--input-format", "jsonl")
+    assert result.exit_code == 0, result.output
+    assert [r["capsfusion"] for r in read_all(tmp_path / "out.json")] == fused(sample_rows[:4])
+    result = fuse_cli(src, "-o", tmp_path / "out.csv", "--input-format", "jsonl", "--csv-delimiter", "tab")
+    assert result.exit_code == 0 and (tmp_path / "out.csv").read_text().startswith("laion_2b\tlaion_coco\t")
+    result = fuse_cli(src, "-o", tmp_path / "out.parquet.gz", "--input-format", "jsonl")
+    assert result.exit_code == 2 and "Parquet compresses its own pages" in result.stderr
+    cut = tmp_path / "cut.jsonl.gz"
+    write_rows(cut, "jsonl", sample_rows)
+    cut.write_bytes(cut.read_bytes()[:-40])
+    result = fuse_cli(cut, "-o", tmp_path / "out2.jsonl")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the gzip data ends early" in result.stderr and len(result.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "out2.jsonl").exists()
