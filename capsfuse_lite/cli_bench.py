@@ -64,6 +64,7 @@ def _baselines(text: str, hf_checkpoint: Path | None) -> list[str]:
 def bench(
     model: Annotated[Path, typer.Option("--model", "-m", help="GGUF to benchmark (made by `capsfuse-lite convert`).")],
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Caption file (JSON/JSONL/CSV/Parquet with laion_2b and laion_coco); default: the bundled sample captions.")] = None,
+    csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma).")] = None,
     rows: Annotated[int, typer.Option(help="Rows per timed pass; the input is repeated to reach it.")] = 48,
     slots: Annotated[str, typer.Option(help="Slot counts to measure, comma-separated; auto: 1,4,8,16 on a CPU, 1,8,16,32,64 with a GPU.")] = _AUTO,
     beams: Annotated[str, typer.Option(help="Beam counts to measure (1 = greedy), comma-separated.")] = "1,3",
@@ -96,7 +97,7 @@ def bench(
         devices = _devices(device)
         opts = BenchOptions(
             model=model,
-            pairs=repeat_to(load_pairs(input, limit=rows), rows),
+            pairs=repeat_to(load_pairs(input, limit=rows, csv_delimiter=csv_delimiter), rows),
             slots=_slots(slots, devices),
             beams=_int_list("--beams", beams),
             prefix_cache=[v == "on" for v in _choices("--prefix-cache", prefix_cache, ("on", "off"))],

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import defaults
+from .records import csv_delimiter_name
 
 EXIT_INTERRUPTED = 130
 
@@ -18,6 +19,7 @@ def _resume_command(cfg, resume: bool = True) -> str:
     """The command line that continues (or repeats) the run ``cfg``."""
     parts = ["capsfuse-lite", "fuse", str(cfg.input), "-o", str(cfg.output), "--model", str(cfg.model)]
     options = [("--input-format", cfg.input_format, None), ("--output-format", cfg.output_format, None),
+               ("--csv-delimiter", csv_delimiter_name(cfg.csv_delimiter) if cfg.csv_delimiter else None, None),
                ("--raw-field", cfg.raw_field, defaults.RAW_FIELD),
                ("--synthetic-field", cfg.synthetic_field, defaults.SYNTHETIC_FIELD),
                ("--output-field", cfg.output_field, defaults.OUTPUT_FIELD),
@@ -64,11 +66,12 @@ class _StopOnSignal:
 
 
 def fuse(
-    input: Annotated[Path, typer.Argument(help="Caption file: .json (array of objects, upstream's format), .jsonl, .csv or .parquet.")],
+    input: Annotated[Path, typer.Argument(help="Caption file: .json (array of objects, upstream's format), .jsonl, .csv or .parquet; the first three may be .gz or .zst compressed (rows.jsonl.gz).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (format from the extension); OUTPUT.meta.json is written beside it.")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model. Default: CapsFus-LLaMA q4_k_m in ~/.cache/capsfuse-lite/, converted on first use.")] = None,
     input_format: Annotated[Optional[str], typer.Option(help="Input format (json, jsonl, csv, parquet) instead of the extension.")] = None,
     output_format: Annotated[Optional[str], typer.Option(help="Output format instead of the extension.")] = None,
+    csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma). A CSV output uses it too (default: the CSV input's).")] = None,
     raw_field: Annotated[str, typer.Option(help="Column with the raw alt-text (Sentence 1).")] = defaults.RAW_FIELD,
     synthetic_field: Annotated[str, typer.Option(help="Column with the synthetic caption (Sentence 2).")] = defaults.SYNTHETIC_FIELD,
     output_field: Annotated[str, typer.Option(help="Column for the fused caption.")] = defaults.OUTPUT_FIELD,
@@ -96,6 +99,7 @@ def fuse(
     with user_errors():
         cfg = FuseConfig(
             input=input, output=output, model=None, input_format=input_format, output_format=output_format,
+            csv_delimiter=csv_delimiter,
             raw_field=raw_field, synthetic_field=synthetic_field, output_field=output_field, slots=parse_slots(slots),
             beams=beams, max_new_tokens=max_new_tokens, n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_threads=threads,
             limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
@@ -122,6 +126,7 @@ def merge(
     parts: Annotated[list[Path], typer.Argument(help="Outputs of `fuse --shard I/N` for I = 0..N-1 (any order; their meta files say which shard each is).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Merged file, rows in input order (format from the extension).")],
     output_format: Annotated[Optional[str], typer.Option(help="Output format instead of the extension.")] = None,
+    csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma). Give the one `fuse` used for CSV parts.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT.")] = False,
 ) -> None:
     """Concatenate shard outputs back into input order."""
@@ -129,7 +134,7 @@ def merge(
     from .shards import merge_shards
 
     with user_errors():
-        rows = merge_shards(parts, output, output_format=output_format, force=force)
+        rows = merge_shards(parts, output, output_format=output_format, force=force, csv_delimiter=csv_delimiter)
         typer.echo(f"wrote {output} ({rows} rows from {len(parts)} parts)", err=True)
 
 

@@ -16,6 +16,7 @@ def prompts(
     output: Annotated[Path, typer.Option("-o", "--output", help="JSONL file: one line per input row with prompt, token_ids, n_tokens, truncated (or skipped).")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF whose tokenizer and prompt template to use (only the vocabulary is loaded). Default: the converted default model.")] = None,
     input_format: Annotated[Optional[str], typer.Option(help="Input format (json, jsonl, csv, parquet) instead of the extension.")] = None,
+    csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma).")] = None,
     raw_field: Annotated[str, typer.Option(help="Column with the raw alt-text (Sentence 1).")] = defaults.RAW_FIELD,
     synthetic_field: Annotated[str, typer.Option(help="Column with the synthetic caption (Sentence 2).")] = defaults.SYNTHETIC_FIELD,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N input rows.")] = None,
@@ -36,7 +37,7 @@ def prompts(
             raise ConfigError(f"--limit {limit}: give a number of rows >= 0")
         if output.exists() and not force:
             raise OutputExistsError(f"{output} exists; pass --force to overwrite it (or choose another -o)")
-        reader = open_reader(input, input_format)
+        reader = open_reader(input, input_format, csv_delimiter=csv_delimiter)
         reader.scan(required=(raw_field, synthetic_field))  # a malformed file fails before any output
         summary = PreviewSummary()
         with PromptPreview(resolve_model(model)) as preview:

@@ -30,7 +30,8 @@ from . import __version__, defaults
 from .errors import ConfigError, DiskSpaceError, InputFileError, OutputExistsError
 from .journal import Journal, journal_path, replace_atomically
 from .progress import Progress
-from .records import Layout, RecordReader, detect_format, open_reader, open_writer
+from .records import (Layout, RecordReader, detect_compression, detect_format, import_zstandard, open_reader, open_writer,
+                      parse_csv_delimiter)
 
 FINISH_COLUMN = "finish_reason"
 STATUS_COLUMN = "status"
@@ -112,6 +113,7 @@ class FuseConfig:
     model: str | Path | None = None  # a GGUF path (see models.resolve_model)
     input_format: str | None = None
     output_format: str | None = None
+    csv_delimiter: str | None = None  # CSV input, and CSV output (default: the CSV input's, else ",")
     raw_field: str = defaults.RAW_FIELD
     synthetic_field: str = defaults.SYNTHETIC_FIELD
     output_field: str = defaults.OUTPUT_FIELD
@@ -140,6 +142,8 @@ class FuseConfig:
             raise ConfigError(f"--limit must be 0 or more, got {self.limit}")
         if self.resume and self.force:
             raise ConfigError("--resume and --force contradict each other (--force discards the journal and starts over)")
+        if self.csv_delimiter is not None:
+            self.csv_delimiter = parse_csv_delimiter(self.csv_delimiter)
         if len({self.raw_field, self.synthetic_field}) < 2:
             raise ConfigError("--raw-field and --synthetic-field name the same column")
 
@@ -199,7 +203,7 @@ class FuseRun:
     def prepare(self) -> Layout:
         cfg = self.config
         self.output_format = detect_format(cfg.output, cfg.output_format, role="output")
-        self._reader = open_reader(cfg.input, cfg.input_format)
+        self._reader = open_reader(cfg.input, cfg.input_format, csv_delimiter=cfg.csv_delimiter)
         if cfg.output.resolve() == cfg.input.resolve():
             raise ConfigError(f"{cfg.output}: the output must not be the input file")
         if cfg.output.exists() and not cfg.force:
@@ -210,6 +214,8 @@ class FuseRun:
             from .records import import_pyarrow
 
             import_pyarrow()
+        if detect_compression(cfg.output) == "zstd":
+            import_zstandard()
         self.layout = self._reader.scan(required=(cfg.raw_field, cfg.synthetic_field))
         return self.layout
 
@@ -389,7 +395,8 @@ class FuseRun:
         current = next(results, None)
         summary.rows_skipped = summary.truncated_prompts = summary.length_cut = 0
         try:
-            with open_writer(tmp, self.output_format, self.layout.with_columns(added)) as writer:
+            with open_writer(tmp, self.output_format, self.layout.with_columns(added),
+                             compression=detect_compression(cfg.output), csv_delimiter=cfg.csv_delimiter) as writer:
                 for i, row in self._reader.rows():
                     if i >= selected.stop:
                         break

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError, InputFileError, OutputExistsError
 from .journal import replace_atomically
-from .records import detect_format, open_reader, open_writer
+from .records import detect_compression, detect_format, open_reader, open_writer
 from .runner import meta_path, parse_shard, partial_path, write_json_atomic
 
 _SAME = (("input", "rows"), ("input", "bytes"), ("model", "sha256"), ("settings", "beams"),
@@ -73,8 +73,9 @@ def order_parts(parts: list[Path]) -> tuple[list[Path], list[dict] | None]:
 
 
 def merge_shards(parts: list[str | Path], output: str | Path, *, output_format: str | None = None,
-                 force: bool = False) -> int:
-    """Interleave shard outputs into ``output`` (written atomically, with a meta file); returns rows."""
+                 force: bool = False, csv_delimiter: str | None = None) -> int:
+    """Interleave shard outputs into ``output`` (written atomically, with a meta file); returns rows.
+    ``csv_delimiter``: of CSV parts (and a CSV output)."""
     parts = [Path(p) for p in parts]
     output = Path(output)
     if not parts:
@@ -85,7 +86,7 @@ def merge_shards(parts: list[str | Path], output: str | Path, *, output_format: 
     if any(output.resolve() == p.resolve() for p in parts):
         raise ConfigError(f"{output}: the merged output must not be one of the parts")
     parts, metas = order_parts(parts)
-    readers = [open_reader(p) for p in parts]
+    readers = [open_reader(p, csv_delimiter=csv_delimiter) for p in parts]
     layouts = [r.scan() for r in readers]
     for part, layout in zip(parts[1:], layouts[1:]):
         if list(layout.columns) != list(layouts[0].columns):
@@ -93,7 +94,7 @@ def merge_shards(parts: list[str | Path], output: str | Path, *, output_format: 
     total = sum(layout.rows for layout in layouts)
     tmp = partial_path(output)
     try:
-        with open_writer(tmp, fmt, layouts[0]) as writer:
+        with open_writer(tmp, fmt, layouts[0], compression=detect_compression(output), csv_delimiter=csv_delimiter) as writer:
             iters = [r.rows() for r in readers]
             while True:
                 ended_at = None

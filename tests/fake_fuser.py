@@ -32,6 +32,7 @@ def fake_caption(raw: str, synthetic: str, max_new_tokens: int) -> tuple[str, st
 
 class FakeFuser:
     def __init__(self, model_path, *, slots=8, beams=None, max_new_tokens=None, on_result=None, **kwargs):
+        slots = 8 if slots == "auto" else slots  # as the engine picks a count for "auto"
         self.settings = {"slots": slots, "beams": beams or 3, "max_new_tokens": max_new_tokens or 80, **kwargs}
         self.model_info = {"path": str(model_path), "file_type": "fake"}
         self.seen: list[tuple[str, str]] = []  # every pair consumed, in order
