@@ -63,6 +63,13 @@ class FuserStats:
     steps: int = 0  # decode steps (each advances every running row by one token or prompt chunk)
     device_s: float = 0.0  # inside llama_decode and waiting for its results (the GPU/CPU kernels)
     host_s: float = 0.0  # the engine's own work between decodes: search, KV bookkeeping, batching
+    # host_s broken down: admitting rows (prompt building, tokenizing), filling the batch, top-k and
+    # log-normalisers over the logits, per-row search bookkeeping, KV forks and frees
+    admit_s: float = 0.0
+    batch_s: float = 0.0
+    logits_s: float = 0.0
+    search_s: float = 0.0
+    kv_s: float = 0.0
 
     @property
     def host_ms_per_step(self) -> float:
@@ -92,7 +99,8 @@ def _positive(name: str, value: int | None, minimum: int = 1, optional: bool = T
     return value
 
 
-_STEP_COUNTERS = ("decode_calls", "evaluated_tokens", "steps", "device_s", "host_s")
+_STEP_COUNTERS = ("decode_calls", "evaluated_tokens", "steps", "device_s", "host_s", "admit_s", "batch_s", "logits_s",
+                  "search_s", "kv_s")
 
 
 def _counter_values(counters) -> dict:

@@ -107,8 +107,7 @@ def libstdcxx_hazard() -> str | None:
     except (OSError, AttributeError):
         return None
     dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
-    folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.llama_cpp.__file__).resolve().parent / "lib")
-    for path in sorted(folder.glob("lib*.so")):
+    for path in sorted(_lib_folder().glob("lib*.so")):
         try:
             handle = ctypes.CDLL(str(path))
             address = ctypes.cast(getattr(handle, _HAZARD_SYMBOL.decode()), ctypes.c_void_p).value
@@ -159,11 +158,7 @@ def _ggml_lib():
     """libggml (loaded with libllama by llama-cpp-python) for the device queries llama.h lacks."""
     global _ggml
     if _ggml is None:
-        lib = _lib()
-        base = Path(lib.__file__).resolve().parent / "lib"
-        override = os.environ.get("LLAMA_CPP_LIB_PATH")
-        folder = Path(override) if override else base
-        ggml = ctypes.CDLL(str(folder / "libggml.so"))
+        ggml = ctypes.CDLL(str(_lib_folder() / "libggml.so"))
         ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
         ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
         ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -176,6 +171,40 @@ def _ggml_lib():
         ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
         _ggml = ggml
     return _ggml
+
+
+class _ThreadpoolParams(ctypes.Structure):
+    """ggml.h's ``struct ggml_threadpool_params``."""
+
+    _fields_ = [("cpumask", ctypes.c_bool * 512), ("n_threads", ctypes.c_int), ("prio", ctypes.c_int),
+                ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
+
+
+_threadpool_api = None
+
+
+def _threadpool_lib():
+    """(libggml-cpu, libllama) with the threadpool functions llama-cpp-python does not bind."""
+    global _threadpool_api
+    if _threadpool_api is None:
+        folder = _lib_folder()
+        cpu = ctypes.CDLL(str(folder / "libggml-cpu.so"))
+        cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+        cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
+        cpu.ggml_threadpool_free.restype = None
+        cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+        llama = llama_cpp.llama_cpp._lib
+        llama.llama_attach_threadpool.restype = None
+        llama.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        llama.llama_detach_threadpool.restype = None
+        llama.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
+        _threadpool_api = (cpu, llama)
+    return _threadpool_api
+
+
+def _lib_folder() -> Path:
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    return Path(override) if override else Path(llama_cpp.llama_cpp.__file__).resolve().parent / "lib"
 
 
 _DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
@@ -450,11 +479,13 @@ class Context:
         flash_attn: bool | None = None,
         kv_type: str = "f16",
         kv_unified: bool = True,
+        cpu_poll: int = 0,
     ):
         self._lib = lib = _lib()
         model._check_open()
         self.model = model
         self._handle = None
+        self._threadpool = None
         if kv_type not in KV_TYPES:
             raise ConfigError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
         if kv_type not in ("f32", "f16", "bf16") and flash_attn is False:
@@ -487,6 +518,7 @@ class Context:
                 "support (llama.cpp's error line above says which)"
             )
         self._handle = handle
+        self._attach_threadpool(params.n_threads, cpu_poll)
         self._memory = lib.llama_get_memory(handle)
         self.n_ctx = int(lib.llama_n_ctx(handle))
         self.n_batch = int(lib.llama_n_batch(handle))
@@ -498,6 +530,20 @@ class Context:
     def _check_open(self) -> None:
         if self._handle is None:
             raise LlamaError("the context is closed")
+
+    def _attach_threadpool(self, n_threads: int, poll: int) -> None:
+        """Give the CPU backend a threadpool whose idle workers sleep at once (``poll=0``) instead of
+        ggml's default of spinning for a while after every decode: spinning workers take the cores
+        the engine's own search needs between decodes. Skipped when the build lacks the symbols."""
+        try:
+            cpu, llama = _threadpool_lib()
+        except (OSError, AttributeError):
+            return
+        params = _ThreadpoolParams(n_threads=max(1, int(n_threads)), prio=0, poll=max(0, min(100, int(poll))))
+        pool = cpu.ggml_threadpool_new(ctypes.byref(params))
+        if pool:
+            llama.llama_attach_threadpool(self._handle, pool, pool)
+            self._threadpool = (cpu, llama, pool)
 
     def decode(self, batch: Batch) -> None:
         """Evaluate ``batch`` (``llama_decode``); raises on any non-zero return code."""
@@ -565,9 +611,15 @@ class Context:
 
     def close(self) -> None:
         if self._handle is not None:
+            if self._threadpool is not None:
+                self._threadpool[1].llama_detach_threadpool(self._handle)
             self._lib.llama_free(self._handle)
             self._handle = None
             self._memory = None
+        if self._threadpool is not None:
+            cpu, _, pool = self._threadpool
+            cpu.ggml_threadpool_free(pool)
+            self._threadpool = None
 
     def __enter__(self) -> "Context":
         return self

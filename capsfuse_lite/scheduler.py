@@ -84,6 +84,12 @@ class SchedulerCounters:
     steps: int = 0  # decode steps of the main loop (the prefix's own decodes not included)
     device_s: float = 0.0  # inside llama_decode + waiting for its results
     host_s: float = 0.0  # the rest of the main loop (search, KV bookkeeping, batching, admission)
+    # host_s broken down (the remainder is loop overhead):
+    admit_s: float = 0.0  # pulling rows, building and tokenizing prompts, placing the prefix
+    batch_s: float = 0.0  # filling the next batch
+    logits_s: float = 0.0  # argmax / top-k and log-normalisers over the step's logits
+    search_s: float = 0.0  # per-row search bookkeeping (finished hypotheses, stop rules)
+    kv_s: float = 0.0  # beam forks and freeing finished rows' sequences
 
 
 @dataclass
@@ -162,8 +168,9 @@ class Scheduler:
         active: list[_Row] = []  # admission order
         waiting: tuple[int, Prompt] | None = None
         exhausted = False
+        clock = time.perf_counter
         while True:
-            step_start = time.perf_counter()
+            step_start = clock()
             # admit rows while a slot and KV space are free
             while free_slots and not exhausted:
                 if waiting is None:
@@ -188,17 +195,22 @@ class Scheduler:
             counters.max_active_rows = max(counters.max_active_rows, len(active))
 
             # one decode step
+            t_fill = clock()
+            counters.admit_s += t_fill - step_start
             generating, completing = self._fill_batch(active)
+            counters.batch_s += clock() - t_fill
             device = self._decode()
             finished = self._search(generating, completing, ctx.outputs(batch.n_outputs))
+            t_free = clock()
             for row in finished:
                 for seq in self.slot_seqs[row.slot]:
                     ctx.seq_rm(seq)
                 active.remove(row)
                 free_slots.append(row.slot)
                 reserved -= row.reserved
+            counters.kv_s += clock() - t_free
             counters.steps += 1
-            counters.host_s += time.perf_counter() - step_start - device
+            counters.host_s += clock() - step_start - device
             for row in finished:
                 yield Finished(row.index, row.prompt, row.search.result())
             if should_stop():
@@ -263,15 +275,23 @@ class Scheduler:
         """Advance every row by one token from the step's logits; fork KV for beams; returns the
         rows that finished."""
         finished: list[_Row] = []
+        counters, clock = self.counters, time.perf_counter
+        t0 = clock()
         if self.beams == 1:
             tokens = logits.argmax(axis=1).tolist()
+            t1 = clock()
             for row, token in zip(generating + completing, tokens):
                 row.search.advance(token)
                 if row.search.done:
                     finished.append(row)
+            counters.logits_s += t1 - t0
+            counters.search_s += clock() - t1
             return finished
         k = 2 * self.beams
         top_tokens, top_values, log_norm = self._top_k(logits, k)
+        t1 = clock()
+        counters.logits_s += t1 - t0
+        kv = 0.0
         advances: list[tuple[_Row, list]] = []
         n_gen = len(generating) * self.beams
         if generating:
@@ -291,7 +311,11 @@ class Scheduler:
             if row.search.done:
                 finished.append(row)
             else:
+                t_fork = clock()
                 self._fork(row, parents, before)
+                kv += clock() - t_fork
+        counters.kv_s += kv
+        counters.search_s += clock() - t1 - kv
         return finished
 
     def _fork(self, row: _Row, parents: list[int], histories_before: list[list[int]]) -> None:
