@@ -174,10 +174,10 @@ class FuserRunner:
         for res in self._fuser.fuse(pairs, ordered=True):
             yield RowFigures(res.prompt_tokens, len(res.token_ids))
 
-    def step_counters(self) -> tuple[int, float, float]:
-        """(decode steps, host seconds, device seconds) so far (see FuserStats)."""
+    def step_counters(self) -> dict:
+        """Decode steps, host and device seconds so far, and the host time's parts (see FuserStats)."""
         st = self._fuser.stats
-        return st.steps, st.host_s, st.device_s
+        return {name: getattr(st, name) for name in STEP_FIELDS}
 
     def describe(self) -> dict:
         return dict(self._fuser.settings) if self._fuser is not None else {}
@@ -214,9 +214,7 @@ class RunFigures:
     prompt_tokens: int
     generated_tokens: int
     foreign_cpu_load: float | None = None  # cores other processes kept busy meanwhile
-    steps: int | None = None  # engine only: decode steps of the pass
-    host_s: float | None = None  # engine only: its own work between decodes
-    device_s: float | None = None  # engine only: inside llama_decode and waiting for its results
+    steps: dict | None = None  # engine only: decode steps, host/device seconds and host parts of the pass
 
 
 def time_run(runner, pairs: list[Pair]) -> RunFigures:
@@ -237,7 +235,7 @@ def time_run(runner, pairs: list[Pair]) -> RunFigures:
     figures = RunFigures(elapsed, first if first is not None else elapsed, rows, prompt, generated, load.foreign_load)
     if before is not None:
         after = counters()
-        figures.steps, figures.host_s, figures.device_s = (a - b for a, b in zip(after, before))
+        figures.steps = {name: after[name] - before[name] for name in STEP_FIELDS}
     return figures
 
 
@@ -261,17 +259,20 @@ def summarize(runs: list[RunFigures]) -> dict:
     }
 
 
+STEP_FIELDS = ("steps", "host_s", "device_s", "admit_s", "batch_s", "logits_s", "search_s", "kv_s")
+
+
 def _step_figures(runs: list[RunFigures]) -> dict:
-    """Engine passes: host and device milliseconds per decode step (medians over the passes)."""
-    if not runs or any(r.steps is None or not r.steps for r in runs):
+    """Engine passes: host and device milliseconds per decode step, and the host time's parts
+    (medians over the passes)."""
+    if not runs or any(not r.steps or not r.steps["steps"] for r in runs):
         return {}
     med = statistics.median
-    return {
-        "steps": med(r.steps for r in runs),
-        "host_ms_per_step": med(1e3 * r.host_s / r.steps for r in runs),
-        "device_ms_per_step": med(1e3 * r.device_s / r.steps for r in runs),
-        "host_share": med(r.host_s / (r.host_s + r.device_s) for r in runs if r.host_s + r.device_s > 0),
-    }
+    out = {"steps": med(r.steps["steps"] for r in runs)}
+    for name in STEP_FIELDS[1:]:
+        out[f"{name[:-2]}_ms_per_step"] = med(1e3 * r.steps[name] / r.steps["steps"] for r in runs)
+    out["host_share"] = med(r.steps["host_s"] / (r.steps["host_s"] + r.steps["device_s"]) for r in runs)
+    return out
 
 
 def default_warmup_rows(spec: ConfigSpec) -> int:
