@@ -10,6 +10,10 @@ that frees it in ``close()`` (also via ``with``), and C return codes become Pyth
   ``llama_memory_seq_*`` operations.
 - :class:`Batch`   -- ``llama_batch`` from ``llama_batch_init``.
 
+Lifetimes: a context cannot outlive its model's weights, so ``Model.close()`` first closes every
+context still open on it; any later call on a closed handle (model, vocab, context, batch) raises
+:class:`LlamaError` instead of touching freed C memory.
+
 llama.cpp's own log lines are hidden unless :func:`set_verbose` is on (errors are always shown).
 """
 
@@ -19,6 +23,7 @@ import ctypes
 import os
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -165,6 +170,7 @@ class Model:
         self._lib = _lib()
         self.path = Path(path)
         self._handle = None
+        self._contexts: weakref.WeakSet = weakref.WeakSet()  # open contexts on this model (closed first)
         if not self.path.is_file():
             raise ModelLoadError(f"model file {self.path} does not exist; pass the path of a GGUF made by `capsfuse-lite convert`")
         params = self._lib.llama_model_default_params()
@@ -218,6 +224,9 @@ class Model:
         return int(self._lib.llama_model_n_ctx_train(self._handle))
 
     def close(self) -> None:
+        """Free the model, after closing every context still open on it (they use its weights)."""
+        for context in list(self._contexts):
+            context.close()
         if self._handle is not None:
             self._lib.llama_model_free(self._handle)
             self._handle = None
@@ -245,7 +254,12 @@ class Batch:
         self._logits = np.ctypeslib.as_array(self._struct.logits, shape=(self.capacity,))
         self.n_tokens = 0
 
+    def _check_open(self) -> None:
+        if self._struct is None:
+            raise LlamaError("the batch is closed")
+
     def clear(self) -> None:
+        self._check_open()
         self.n_tokens = 0
         self._struct.n_tokens = 0
 
@@ -255,6 +269,7 @@ class Batch:
 
     def add(self, token: int, pos: int, seq_ids: Iterable[int], logits: bool) -> int:
         """Append one token; returns its index in the batch (for :meth:`Context.logits`)."""
+        self._check_open()
         seq_ids = list(seq_ids)
         i = self.n_tokens
         if i >= self.capacity:
@@ -275,6 +290,7 @@ class Batch:
     def add_sequence(self, tokens: Sequence[int], pos0: int, seq_id: int, logits_last: bool) -> int:
         """Append consecutive tokens of one sequence at positions pos0, pos0+1, ...; returns the
         batch index of the last one."""
+        self._check_open()
         n = len(tokens)
         i = self.n_tokens
         if n == 0 or i + n > self.capacity:
@@ -294,6 +310,9 @@ class Batch:
 
     def close(self) -> None:
         if self._struct is not None:
+            # Drop the numpy views first: they point into the memory llama_batch_free releases.
+            self._token = self._pos = self._n_seq = self._logits = None
+            self.n_tokens = 0
             self._lib.llama_batch_free(self._struct)
             self._struct = None
 
@@ -356,6 +375,7 @@ class Context:
                 "support (llama.cpp's error line above says which)"
             )
         self._handle = handle
+        model._contexts.add(self)  # the model closes this context before freeing its weights
         self._memory = lib.llama_get_memory(handle)
         self.n_ctx = int(lib.llama_n_ctx(handle))
         self.n_batch = int(lib.llama_n_batch(handle))
@@ -366,11 +386,12 @@ class Context:
 
     def _check_open(self) -> None:
         if self._handle is None:
-            raise LlamaError("the context is closed")
+            raise LlamaError("the context is closed" + (" (its model was closed)" if self.model._handle is None else ""))
 
     def decode(self, batch: Batch) -> None:
         """Evaluate ``batch`` (``llama_decode``); raises on any non-zero return code."""
         self._check_open()
+        batch._check_open()
         if batch.n_tokens == 0:
             return
         rc = int(self._lib.llama_decode(self._handle, batch._struct))
@@ -420,6 +441,7 @@ class Context:
             self._lib.llama_free(self._handle)
             self._handle = None
             self._memory = None
+            self.model._contexts.discard(self)
 
     def __enter__(self) -> "Context":
         return self
