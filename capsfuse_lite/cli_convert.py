@@ -52,6 +52,7 @@ def info(
         details = describe_gguf(model)
     if as_json:
         typer.echo(json.dumps(details, indent=2, ensure_ascii=False))
+        _fail_on_problems(model, details)
         return
     vocab = details["vocab"]
     lines = [
@@ -75,6 +76,17 @@ def info(
         lines.append(f"{key:<30}{value}")
     lines.append(f"gpu offload   {'yes' if details['gpu_offload'] else 'no (this llama-cpp-python build is CPU-only)'}")
     typer.echo("\n".join(lines))
+    _fail_on_problems(model, details)
+
+
+def _fail_on_problems(model: Path, details: dict) -> None:
+    """A file that cannot be loaded (e.g. truncated) is reported as an error line and exit code 2."""
+    from .cli import error_line
+
+    for problem in details.get("problems") or ():
+        error_line(f"{model}: {problem}")
+    if details.get("problems"):
+        raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:

@@ -74,7 +74,7 @@ def fuse(
     csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma). A CSV output uses it too (default: the CSV input's).")] = None,
     raw_field: Annotated[str, typer.Option(help="Column with the raw alt-text (Sentence 1).")] = defaults.RAW_FIELD,
     synthetic_field: Annotated[str, typer.Option(help="Column with the synthetic caption (Sentence 2).")] = defaults.SYNTHETIC_FIELD,
-    output_field: Annotated[str, typer.Option(help="Column for the fused caption.")] = defaults.OUTPUT_FIELD,
+    output_field: Annotated[str, typer.Option(help="Column for the fused caption (not finish_reason, status or error: those are written too).")] = defaults.OUTPUT_FIELD,
     slots: Annotated[str, typer.Option(help="Rows decoded at once (continuous batching): a number, or auto = the most that fit the GPU's free memory up to the throughput knee (CPU: 16 greedy, 8 with beams; `capsfuse-lite bench` measures and remembers your device's knee).")] = "auto",
     beams: Annotated[Optional[int], typer.Option(help="Beam width (1 = greedy). Default: the GGUF's capsfuse.num_beams (3).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Token limit per caption. Default: the GGUF's capsfuse.max_new_tokens (80).")] = None,
@@ -107,6 +107,7 @@ def fuse(
         run = FuseRun(cfg, progress=progress)
         run.prepare()  # a malformed input fails here, before any model work
         cfg.model = resolve_model(model, yes=yes, confirm=terminal_confirm())
+        run.check_model()  # architecture, truncation, --max-new-tokens vs its context: before hashing it
         cfg.command = _resume_command(cfg, resume=False)
         how_to_resume = f"progress is saved in the journal; resume with:\n  {_resume_command(cfg)}"
         with _StopOnSignal(run, progress.note) as stopper:
@@ -123,13 +124,13 @@ def fuse(
 
 
 def merge(
-    parts: Annotated[list[Path], typer.Argument(help="Outputs of `fuse --shard I/N` for I = 0..N-1 (any order; their meta files say which shard each is).")],
+    parts: Annotated[list[Path], typer.Argument(help="Outputs of `fuse --shard I/N` for I = 0..N-1, each with the OUTPUT.meta.json fuse wrote beside it (any order: the meta files say which shard each is and how many rows it must hold).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Merged file, rows in input order (format from the extension).")],
     output_format: Annotated[Optional[str], typer.Option(help="Output format instead of the extension.")] = None,
     csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma). Give the one `fuse` used for CSV parts.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT.")] = False,
 ) -> None:
-    """Concatenate shard outputs back into input order."""
+    """Concatenate shard outputs back into input order (refused unless they are provably all shards of one run, each complete and unchanged)."""
     from .cli import user_errors
     from .shards import merge_shards
 

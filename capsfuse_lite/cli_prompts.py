@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,35 +25,50 @@ def prompts(
     """Show what the model will read: the prompt of every row under the 256-token rule, before any GPU time is spent."""
     from .cli import user_errors
     from .engine import PromptPreview
-    from .errors import ConfigError, OutputExistsError
-    from .journal import replace_atomically
+    from .errors import ConfigError, OutputExistsError, write_error
+    from .journal import json_line, replace_atomically
+    from .llama import LlamaError
     from .models import resolve_model
     from .prompts import PreviewSummary, preview_records
     from .records import open_reader
-    from .runner import caption_pair
+    from .runner import caption_pair, check_writable_folder
 
     with user_errors():
         if limit is not None and limit < 0:
             raise ConfigError(f"--limit {limit}: give a number of rows >= 0")
         if output.exists() and not force:
             raise OutputExistsError(f"{output} exists; pass --force to overwrite it (or choose another -o)")
+        if not output.parent.is_dir():
+            raise ConfigError(f"cannot write {output}: folder {output.parent} does not exist")
+        check_writable_folder(output)
         reader = open_reader(input, input_format, csv_delimiter=csv_delimiter)
         reader.scan(required=(raw_field, synthetic_field))  # a malformed file fails before any output
         summary = PreviewSummary()
         with PromptPreview(resolve_model(model)) as preview:
-            records = preview_records(
-                reader.rows(columns=(raw_field, synthetic_field)),
-                preview.build,
-                lambda row: caption_pair(row, raw_field, synthetic_field),
-                summary,
-                limit,
-            )
+            built = {}  # the prompt of the row whose captions were just checked
+
+            def captions(row: dict) -> tuple[str, str, str | None]:
+                """The same rows `fuse` skips, tokenizer refusals included, are skipped here."""
+                raw, synthetic, reason = caption_pair(row, raw_field, synthetic_field)
+                if reason is None:
+                    try:
+                        built["prompt"] = preview.build(raw, synthetic)
+                    except (UnicodeError, LlamaError) as exc:
+                        return "", "", f"the tokenizer refused a caption ({exc})"
+                return raw, synthetic, reason
+
+            records = preview_records(reader.rows(columns=(raw_field, synthetic_field)),
+                                      lambda raw, synthetic: built.pop("prompt"), captions, summary, limit)
             tmp = output.with_name(output.name + ".tmp")
             try:
-                with open(tmp, "w", encoding="utf-8") as out:
+                with open(tmp, "wb") as out:
                     for record in records:
-                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        out.write(json_line(record))
+                    out.flush()
+                    os.fsync(out.fileno())
                 replace_atomically(tmp, output)
+            except OSError as exc:
+                raise write_error(exc, output) from None
             finally:
                 tmp.unlink(missing_ok=True)
         typer.echo(

@@ -1,20 +1,31 @@
 """The run journal: an append-only record of finished rows beside the output.
 
 ``OUTPUT.journal.jsonl`` starts with a header line holding the run's fingerprint (model sha256,
-decoding settings, caption fields, input size and row count); every later line is one finished
-row with its input index. Lines are flushed to the OS as they are written (a ``kill -9`` loses
-nothing written) and fsynced every few seconds and on close (a power cut loses seconds). A torn
-last line from a crash is cut off when the journal is reopened; a resume with a different
-fingerprint is refused with the differing settings named.
+decoding settings, caption fields, input row count); every later line is one finished row with its
+input index and the key of its caption pair (``h``: a hash of both captions), so a resumed run
+reuses a row only if its captions are unchanged. Lines are flushed to the OS as they are written (a
+``kill -9`` loses nothing written) and fsynced every few seconds and on close (a power cut loses
+seconds). A torn last line from a crash is cut off when the journal is reopened; a resume with a
+different fingerprint is refused with the differing settings named, unless the journal holds no
+rows yet (a run that failed before its first row, e.g. on a wrong ``--model``): then it starts over.
+
+One run per journal: the file is locked (``flock``) for the whole run, before anything in it is read
+or discarded (``discard=True``, i.e. ``--force``, truncates it only under the lock). A crashed
+run's lock goes with its process. Every few seconds the journal checks that its path still names the
+file it writes, so a folder deleted or renamed during the run stops the run with one clear line.
+Write failures (disk full, read-only or vanished folder) become :class:`~capsfuse_lite.errors.
+CapsfuseError` s naming the file; the journal written so far stays valid for a resume.
 
 Lookups use a disposable SQLite index (``OUTPUT.journal.index.sqlite``) rebuilt from the journal at
-every open, so memory stays flat in the number of rows: rows done (a bitmap, one bit per input
-row), results by caption-pair key (dedupe across the whole run, resumes included) and all
-results in input order (final assembly). The JSONL file stays the only thing that must survive.
+every open and deleted on close, so memory stays flat in the number of rows: rows done (a bitmap,
+one bit per input row), results by caption-pair key (dedupe across the whole run, resumes included)
+and all results in input order (final assembly). The JSONL file stays the only thing that must
+survive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -23,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ConfigError
+from .errors import CapsfuseError, ConfigError, OutputWriteError, write_error
 
 JOURNAL_VERSION = 1
 _LOAD_BATCH = 10_000
@@ -43,8 +54,22 @@ def _index_path(journal: Path) -> Path:
     return journal.with_name(journal.name[: -len(".jsonl")] + ".index.sqlite")
 
 
+RESUME_HINT = "the journal keeps every row fused so far: rerun the same command to continue"
+_LOCK_ATTEMPTS = 20
+
+
 def _normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def json_line(obj: Any) -> bytes:
+    """``obj`` as one UTF-8 JSON line; text that UTF-8 cannot hold (a lone surrogate, which JSON
+    input may carry) is written as ``\\uXXXX`` escapes instead of failing."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(obj, ensure_ascii=True) + "\n").encode("ascii")
 
 
 def fingerprint_diff(old: dict, new: dict) -> list[str]:
@@ -68,38 +93,82 @@ class Journal:
         self.recorded = 0  # rows appended by this process
         self.dropped_lines = 0  # unreadable lines skipped while loading
         self.torn_bytes = 0  # bytes of a torn last line cut off while loading
+        self.restarted: list[str] = []  # settings that changed in a journal that held no rows (started over)
         self._done = bytearray((total_rows + 7) // 8)
         self._file = None
         self._db = None
+        self._dir_fd: int | None = None  # the journal's folder, to delete the index even if the folder is renamed
         self._last_sync = time.monotonic()
 
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, fingerprint: dict, total_rows: int, *, fsync_interval: float = 5.0) -> "Journal":
-        """Open (resume) or create the journal at ``path``.
+    def open(cls, path: str | Path, fingerprint: dict, total_rows: int, *, fsync_interval: float = 5.0,
+             discard: bool = False) -> "Journal":
+        """Open (resume) or create the journal at ``path``; ``discard`` empties it first (``--force``).
 
-        Raises ConfigError if another process holds it or it was made with another fingerprint.
+        Raises ConfigError if another process holds it or it holds rows made with another
+        fingerprint, and a CapsfuseError naming the file if it cannot be written.
         """
         journal = cls(Path(path), fingerprint, total_rows, fsync_interval=fsync_interval)
-        journal._open()
+        journal._open(discard)
         return journal
 
-    def _open(self) -> None:
-        self._file = open(self.path, "ab")
-        if fcntl is not None:
+    @contextlib.contextmanager
+    def _writing(self, path: Path | None = None) -> Iterator[None]:
+        """OSError / sqlite3.Error -> one user-facing line naming ``path`` (default: the journal)."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as exc:
+            raise write_error(exc, path or self.path, RESUME_HINT) from None
+
+    def _open(self, discard: bool) -> None:
+        with self._writing():
+            self._lock()
+        try:
+            with self._writing(_index_path(self.path)):
+                self._open_index()
+            with self._writing():
+                if discard or not self._load():
+                    self._write_header()
+        except BaseException:
+            self.close(quiet=True)
+            raise
+
+    def _lock(self) -> None:
+        """Open the journal file and hold an exclusive lock on it for the whole run.
+
+        The lock is taken on the file the path names *after* locking: a run that finishes removes
+        its journal while still holding the lock, so a run that opened the old file just before
+        finds it gone and opens the new one instead of writing to a deleted file.
+        """
+        for _ in range(_LOCK_ATTEMPTS):
+            self._file = open(self.path, "ab")
+            if fcntl is None:  # pragma: no cover - Windows: no advisory locks
+                return
             try:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 self._file.close()
-                raise ConfigError(f"{self.path} is in use by another capsfuse-lite run (one run per output file)") from None
+                self._file = None
+                raise ConfigError(f"{self.path} is in use by another capsfuse-lite run (one run per output file); "
+                                  "wait for it to finish or stop it first") from None
+            if self._in_place():
+                if os.unlink in os.supports_dir_fd:
+                    self._dir_fd = os.open(self.path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                return
+            self._file.close()  # the holder removed it between our open and our lock: take the new file
+            self._file = None
+        raise ConfigError(f"{self.path} keeps being replaced by another capsfuse-lite run; one run per output file")
+
+    def _in_place(self) -> bool:
+        """Whether the journal path still names the file this process has open."""
         try:
-            self._open_index()
-            if not self._load():
-                self._write_header()
-        except BaseException:
-            self.close()
-            raise
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        own = os.fstat(self._file.fileno())
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
     def _open_index(self) -> None:
         index = _index_path(self.path)
@@ -118,7 +187,7 @@ class Journal:
         self._file.truncate()
         header = {"capsfuse_journal": JOURNAL_VERSION, "fingerprint": self.fingerprint,
                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        self._file.write((json.dumps(header, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._file.write(json_line(header))
         self.sync()
         _fsync_dir(self.path.parent)
 
@@ -138,6 +207,10 @@ class Journal:
                 raise ConfigError(f"{self.path} is not a capsfuse-lite journal (version {JOURNAL_VERSION}); move it away or pass --force")
             old = header.get("fingerprint") or {}
             if old != self.fingerprint:
+                if not any(self._parse(line) is not None for line in f):
+                    # No row was ever journaled (e.g. the model failed to load): nothing to keep.
+                    self.restarted = fingerprint_diff(old, self.fingerprint)
+                    return False
                 diff = "; ".join(fingerprint_diff(old, self.fingerprint))
                 raise ConfigError(
                     f"{self.path} belongs to a run with different settings ({diff}); "
@@ -150,7 +223,7 @@ class Journal:
                     if line.endswith(b"\n"):
                         self.dropped_lines += 1
                     continue
-                batch.append((entry["i"], bytes.fromhex(entry["h"]) if entry.get("h") else None, line.decode("utf-8")))
+                batch.append((entry["i"], _key(entry.get("h")), line.decode("utf-8")))
                 good_end = f.tell()
                 if len(batch) >= _LOAD_BATCH:
                     self._index_batch(batch)
@@ -176,7 +249,8 @@ class Journal:
     def _index_batch(self, batch: list) -> None:
         if not batch:
             return
-        self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", batch)
+        with self._writing(_index_path(self.path)):
+            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", batch)
         for i, _, _ in batch:
             byte = self._done[i >> 3]
             if not byte & (1 << (i & 7)):
@@ -186,64 +260,125 @@ class Journal:
     # -- use ---------------------------------------------------------------------------------
 
     def is_done(self, index: int) -> bool:
+        """Whether row ``index`` has a journaled result (for any captions; see :meth:`done_key`)."""
         return bool(self._done[index >> 3] & (1 << (index & 7)))
+
+    def done_key(self, index: int) -> bytes | None:
+        """The caption-pair key row ``index`` was journaled with (None if not done or keyless)."""
+        if not self.is_done(index):
+            return None
+        with self._writing(_index_path(self.path)):
+            row = self._db.execute("SELECT h FROM results WHERE i = ?", (index,)).fetchone()
+        return row[0] if row else None
 
     def lookup(self, key: bytes) -> dict | None:
         """A journaled result for the caption-pair ``key`` (any row), or None."""
-        row = self._db.execute("SELECT data FROM results WHERE h = ? LIMIT 1", (key,)).fetchone()
+        with self._writing(_index_path(self.path)):
+            row = self._db.execute("SELECT data FROM results WHERE h = ? LIMIT 1", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
     def record(self, index: int, key: bytes | None, result: dict) -> None:
         """Append row ``index``'s result (fields beyond ``i``/``h`` are the caller's)."""
-        entry = {"i": index, "h": key.hex() if key else None, **result}
-        line = json.dumps(entry, ensure_ascii=False) + "\n"
-        self._file.write(line.encode("utf-8"))
-        self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", (index, key, line))
+        line = json_line({"i": index, "h": key.hex() if key else None, **result})
+        with self._writing():
+            self._file.write(line)
+        with self._writing(_index_path(self.path)):
+            self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", (index, key, line.decode("utf-8")))
         if not self.is_done(index):
             self._done[index >> 3] |= 1 << (index & 7)
             self.recorded += 1
 
     def flush(self) -> None:
         """Hand buffered lines to the OS; fsync if the last fsync is older than the interval."""
-        self._file.flush()
+        with self._writing():
+            self._file.flush()
         if time.monotonic() - self._last_sync >= self.fsync_interval:
             self.sync()
 
     def sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Make every recorded line durable, then check the journal was not deleted or moved."""
+        with self._writing():
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._last_sync = time.monotonic()
+        if not self._in_place():
+            raise OutputWriteError(
+                f"{self.path} was deleted or moved during the run (was its folder renamed or removed?); "
+                "put it back and rerun the same command to continue from it, or rerun to start over")
 
     def results(self) -> Iterator[tuple[int, dict]]:
         """All journaled rows as ``(index, entry)`` in increasing index order (streamed)."""
-        self._db.execute("COMMIT")
-        self._db.execute("BEGIN")
-        for i, data in self._db.execute("SELECT i, data FROM results ORDER BY i"):
-            yield i, json.loads(data)
+        with self._writing(_index_path(self.path)):
+            self._db.execute("COMMIT")
+            self._db.execute("BEGIN")
+            rows = self._db.execute("SELECT i, data FROM results ORDER BY i")
+        while True:
+            with self._writing(_index_path(self.path)):
+                chunk = rows.fetchmany(1000)
+            if not chunk:
+                return
+            for i, data in chunk:
+                yield i, json.loads(data)
 
     @property
     def rows_done(self) -> int:
         return self.loaded + self.recorded
 
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
+        """Sync and unlock the journal, delete the index. Errors are raised unless ``quiet`` (set
+        while another error is on its way out, which must not be hidden)."""
+        error: CapsfuseError | None = None
         if self._file is not None and not self._file.closed:
-            self.sync()
-            self._file.close()  # releases the lock
+            try:
+                self.sync()
+            except CapsfuseError as exc:
+                error = exc
+            try:
+                self._file.close()  # releases the lock (also when the buffered flush fails again)
+            except OSError as exc:
+                error = error or write_error(exc, self.path, RESUME_HINT)
+        self._close_index()
+        if error is not None and not quiet:
+            raise error
+
+    def _close_index(self) -> None:
         if self._db is not None:
-            self._db.close()
+            try:
+                self._db.close()
+            except sqlite3.Error:  # pragma: no cover
+                pass
             self._db = None
-            _index_path(self.path).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if self._dir_fd is not None:  # found even if the folder was renamed meanwhile
+                    os.unlink(_index_path(self.path).name, dir_fd=self._dir_fd)
+                else:
+                    _index_path(self.path).unlink(missing_ok=True)
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def remove(self) -> None:
-        """Close and delete the journal (after the output is complete)."""
-        self.close()
-        self.path.unlink(missing_ok=True)
+        """Delete the journal (after the output is complete), then unlock it: deleting while still
+        locked means no other run can lock the deleted file."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._close_index()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self.close(quiet=exc_type is not None)
+
+
+def _key(hexdigest: Any) -> bytes | None:
+    try:
+        return bytes.fromhex(hexdigest) if isinstance(hexdigest, str) and hexdigest else None
+    except ValueError:
+        return None
 
 
 def _fsync_dir(path: Path) -> None:

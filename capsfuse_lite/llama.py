@@ -10,6 +10,10 @@ that frees it in ``close()`` (also via ``with``), and C return codes become Pyth
   ``llama_memory_seq_*`` operations.
 - :class:`Batch`   -- a ``llama_batch`` whose arrays are numpy buffers owned here.
 
+Lifetimes: a context cannot outlive its model's weights, so ``Model.close()`` first closes every
+context still open on it; any later call on a closed handle (model, vocab, context, batch) raises
+:class:`LlamaError` instead of touching freed C memory.
+
 llama.cpp's own log lines are hidden unless :func:`set_verbose` is on (errors are always shown).
 
 Importing this module loads llama.cpp's shared libraries, on purpose before numpy: a CUDA build of
@@ -30,6 +34,7 @@ import llama_cpp.llama_cpp  # noqa: E402,F401  (loads libllama and the ggml libr
 import ctypes  # noqa: E402
 import os  # noqa: E402
 import threading  # noqa: E402
+import weakref  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
@@ -306,6 +311,7 @@ class Model:
         self._lib = _lib()
         self.path = Path(path)
         self._handle = None
+        self._contexts: weakref.WeakSet = weakref.WeakSet()  # open contexts on this model (closed first)
         if not self.path.is_file():
             raise ModelLoadError(f"model file {self.path} does not exist; pass the path of a GGUF made by `capsfuse-lite convert`")
         _check_load_order()
@@ -360,6 +366,9 @@ class Model:
         return int(self._lib.llama_model_n_ctx_train(self._handle))
 
     def close(self) -> None:
+        """Free the model, after closing every context still open on it (they use its weights)."""
+        for context in list(self._contexts):
+            context.close()
         if self._handle is not None:
             self._lib.llama_model_free(self._handle)
             self._handle = None
@@ -402,8 +411,14 @@ class Batch:
         )
         self.n_tokens = 0
         self.n_outputs = 0  # tokens whose logits the next decode returns
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LlamaError("the batch is closed")
 
     def clear(self) -> None:
+        self._check_open()
         self.n_tokens = self.n_outputs = 0
         self._struct.n_tokens = 0
 
@@ -412,6 +427,7 @@ class Batch:
         return self.capacity - self.n_tokens
 
     def _reserve(self, n: int) -> int:
+        self._check_open()
         i = self.n_tokens
         if n < 1 or i + n > self.capacity:
             raise LlamaError(f"cannot add {n} tokens to a batch with {self.capacity - i} free")
@@ -453,9 +469,10 @@ class Batch:
         return i + n - 1
 
     def close(self) -> None:
-        """Nothing to free in llama.cpp (the arrays are numpy's); kept for the handle protocol."""
+        """Nothing to free in llama.cpp (the arrays are numpy's); a closed batch refuses use."""
         self._struct.n_tokens = 0
         self.n_tokens = self.n_outputs = 0
+        self._closed = True
 
     def __enter__(self) -> "Batch":
         return self
@@ -518,6 +535,7 @@ class Context:
                 "support (llama.cpp's error line above says which)"
             )
         self._handle = handle
+        model._contexts.add(self)  # the model closes this context before freeing its weights
         self._attach_threadpool(params.n_threads, cpu_poll)
         self._memory = lib.llama_get_memory(handle)
         self.n_ctx = int(lib.llama_n_ctx(handle))
@@ -529,7 +547,7 @@ class Context:
 
     def _check_open(self) -> None:
         if self._handle is None:
-            raise LlamaError("the context is closed")
+            raise LlamaError("the context is closed" + (" (its model was closed)" if self.model._handle is None else ""))
 
     def _attach_threadpool(self, n_threads: int, poll: int) -> None:
         """Give the CPU backend a threadpool whose idle workers sleep at once (``poll=0``) instead of
@@ -548,6 +566,7 @@ class Context:
     def decode(self, batch: Batch) -> None:
         """Evaluate ``batch`` (``llama_decode``); raises on any non-zero return code."""
         self._check_open()
+        batch._check_open()
         if batch.n_tokens == 0:
             return
         rc = int(self._lib.llama_decode(self._handle, batch._struct))
@@ -616,6 +635,7 @@ class Context:
             self._lib.llama_free(self._handle)
             self._handle = None
             self._memory = None
+            self.model._contexts.discard(self)
         if self._threadpool is not None:
             cpu, _, pool = self._threadpool
             cpu.ggml_threadpool_free(pool)

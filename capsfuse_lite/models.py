@@ -90,8 +90,15 @@ def resolve_model(
         raise HubError(f"{exc} — offline? {_convert_hint(target)}") from None
 
 
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
 def check_gguf(path: Path) -> None:
-    """Raise ModelLoadError unless ``path`` starts with the GGUF magic."""
+    """Raise ModelLoadError unless ``path`` is a complete GGUF of a LLaMA model (header only: no
+    weights are read). Catches files that are not GGUF, truncated copies (tensor data past the end of
+    the file) and other architectures (a GGUF relabelled or converted from another family)."""
+    from .convert.gguf_metadata import read_gguf_layout
+
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -99,6 +106,14 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from None
     if magic != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF file; convert a checkpoint with `capsfuse-lite convert`")
+    layout = read_gguf_layout(path)
+    arch = layout.meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"{path}: general.architecture is {arch!r}; capsfuse-lite runs LLaMA models "
+                             "(CapsFus-LLaMA converted with `capsfuse-lite convert`) only")
+    problems = layout.problems()
+    if problems:
+        raise ModelLoadError(f"{path}: {problems[0]}")
 
 
 def file_sha256(path: str | Path, *, use_cache: bool = True) -> str:
@@ -134,8 +149,8 @@ def file_sha256(path: str | Path, *, use_cache: bool = True) -> str:
 
 
 def gguf_defaults(path: str | Path) -> dict:
-    """Decoding defaults a GGUF carries (``capsfuse.*``), falling back to :mod:`defaults`, plus
-    its quant type; read from the header only (no weights loaded)."""
+    """Decoding defaults a GGUF carries (``capsfuse.*``), falling back to :mod:`defaults`, plus its
+    architecture, trained context length and quant type; read from the header only (no weights loaded)."""
     from .convert.gguf_metadata import read_gguf_metadata
 
     meta = read_gguf_metadata(path)
@@ -155,7 +170,10 @@ def gguf_defaults(path: str | Path) -> dict:
         except ValueError:
             quant = str(meta["general.file_type"])
     template = str(meta.get(defaults.KEY_PROMPT_TEMPLATE) or defaults.PROMPT_TEMPLATE)
+    arch = str(meta.get("general.architecture", ""))
     return {
+        "architecture": arch,
+        "context_length": integer(f"{arch}.context_length", 0),  # trained positions; 0 if the GGUF does not say
         "num_beams": integer(defaults.KEY_NUM_BEAMS, defaults.NUM_BEAMS),
         "max_new_tokens": integer(defaults.KEY_MAX_NEW_TOKENS, defaults.MAX_NEW_TOKENS),
         "length_offset": integer(defaults.KEY_LENGTH_OFFSET, defaults.LENGTH_OFFSET),

@@ -6,17 +6,25 @@
 
 Row selection: ``limit`` keeps input rows ``0 .. limit-1``; ``shard=(I, N)`` keeps the rows
 ``i`` of those with ``i % N == I`` (:mod:`capsfuse_lite.shards` interleaves the parts back).
-Rows whose caption fields are missing, null, non-strings or empty are passed through with
-``status: skipped`` and a reason. Identical (raw, synthetic) pairs, after stripping, go to the
-engine once; resumed runs reuse journaled results for them too. The engine completes rows out of
-order; the journal records each with its input index and the output is assembled in input order
-by streaming the input again, to ``OUTPUT.partial`` renamed onto OUTPUT at the end.
+
+Rows are never a reason to stop: a row whose caption fields are missing, null, non-strings, empty
+or not valid Unicode text (a lone surrogate, which JSON allows), or whose captions the tokenizer
+refuses, is passed through with ``status: skipped`` and the reason in ``error``. Identical (raw,
+synthetic) pairs, after stripping, go to the engine once; resumed runs reuse journaled results for
+them too. The journal keys every row by its caption pair, so a resumed row counts as done only if
+its captions are unchanged. The engine completes rows out of order; the journal records each with
+its input index and the output is assembled in input order by streaming the input again, to
+``OUTPUT.partial`` renamed onto OUTPUT at the end.
+
+Files are the user's: the model's header is checked (a LLaMA GGUF, complete, settings within its
+trained context) before the model is hashed or the journal touched; the journal is locked before
+it is read or discarded; a failed write (disk full, read-only or vanished folder) is one line naming
+the file, with the journal kept for the resume.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import itertools
 import json
@@ -27,8 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import __version__, defaults
-from .errors import ConfigError, DiskSpaceError, InputFileError, OutputExistsError
-from .journal import Journal, journal_path, replace_atomically
+from .errors import ConfigError, InputFileError, OutputExistsError, write_error
+from .journal import RESUME_HINT, Journal, journal_path, replace_atomically
 from .progress import Progress
 from .records import (Layout, RecordReader, detect_compression, detect_format, import_zstandard, open_reader, open_writer,
                       parse_csv_delimiter)
@@ -38,6 +46,7 @@ STATUS_COLUMN = "status"
 ERROR_COLUMN = "error"
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
+RESERVED_COLUMNS = (FINISH_COLUMN, STATUS_COLUMN, ERROR_COLUMN)  # written by every run: not for --output-field
 
 
 def meta_path(output: str | Path) -> Path:
@@ -87,23 +96,106 @@ def caption_pair(row: dict, raw_field: str, synthetic_field: str) -> tuple[str, 
             return "", "", f"field {name!r} is not a string ({type(value).__name__})"
         if not value.strip():
             return "", "", f"field {name!r} is empty"
+        bad = _unencodable_at(value)
+        if bad is not None:
+            return "", "", (f"field {name!r} is not valid Unicode text (a lone surrogate U+{ord(value[bad]):04X} "
+                            f"at character {bad})")
         values.append(value)
     return values[0], values[1], None
 
 
+def _unencodable_at(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 def pair_key(raw: str, synthetic: str) -> bytes:
-    """Dedupe key of a caption pair: the engine sees both captions stripped."""
-    return hashlib.blake2b(f"{raw.strip()}\x00{synthetic.strip()}".encode("utf-8"), digest_size=16).digest()
+    """Dedupe and resume key of a caption pair: the engine sees both captions stripped. Defined for
+    any text (lone surrogates included), so computing it can never stop a run."""
+    text = f"{raw.strip()}\x00{synthetic.strip()}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def writable(value: Any) -> Any:
+    """``value`` (a cell, a row) with text that UTF-8 files cannot hold -- lone surrogates, which JSON
+    input may carry -- replaced by U+FFFD; returned as is (same object) when there is none."""
+    if isinstance(value, str):
+        if _unencodable_at(value) is None:
+            return value
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        items = [(writable(k), writable(v)) for k, v in value.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items())):
+            return value
+        return dict(items)
+    if isinstance(value, list):
+        items = [writable(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    return value
+
+
+def result_columns(output_field: str, entry: dict | None, reason: str | None) -> dict:
+    """The columns a run adds to a row: from its journal ``entry``, or skipped with ``reason``."""
+    if reason is None and entry is not None and entry.get("error"):
+        reason = entry["error"]  # the engine could not fuse it (e.g. the tokenizer refused a caption)
+    if reason is not None:
+        return {output_field: None, FINISH_COLUMN: None, STATUS_COLUMN: STATUS_SKIPPED, ERROR_COLUMN: reason}
+    return {output_field: entry["text"], FINISH_COLUMN: entry["finish_reason"], STATUS_COLUMN: STATUS_OK,
+            ERROR_COLUMN: None}
+
+
+def journal_entry(result: Any) -> dict:
+    """What the journal keeps of an engine result (``FuseResult``)."""
+    error = getattr(result, "error", None)
+    if error:
+        return {"text": None, "finish_reason": None, "error": str(error), "prompt_tokens": 0,
+                "generated_tokens": 0, "truncated": False}
+    return {"text": result.text, "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+            "generated_tokens": len(result.token_ids), "truncated": bool(result.truncated)}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` durably (fsynced temp file, rename, fsynced folder); a failed
+    write is one user-facing error naming ``path`` and leaves no temp file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    replace_atomically(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(writable(obj), f, indent=2, ensure_ascii=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        replace_atomically(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise write_error(exc, path) from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def check_writable_folder(output: Path) -> None:
+    """Fail now, with one line, if files cannot be created beside ``output`` (read-only folder, no
+    permission), instead of after the model work."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=output.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise write_error(exc, output) from None
 
 
 @dataclass
@@ -146,6 +238,14 @@ class FuseConfig:
             self.csv_delimiter = parse_csv_delimiter(self.csv_delimiter)
         if len({self.raw_field, self.synthetic_field}) < 2:
             raise ConfigError("--raw-field and --synthetic-field name the same column")
+        if not self.output_field:
+            raise ConfigError("--output-field must name a column")
+        if self.output_field in RESERVED_COLUMNS:
+            raise ConfigError(f"--output-field {self.output_field!r} is reserved: every run writes its own "
+                              f"{', '.join(RESERVED_COLUMNS)} columns beside the fused caption; choose another name")
+        if self.output_field in (self.raw_field, self.synthetic_field):
+            raise ConfigError(f"--output-field {self.output_field!r} is an input caption column: the fused caption "
+                              "would overwrite it; choose another name")
 
 
 @dataclass
@@ -185,10 +285,10 @@ class FuseRun:
     """One run; see the module docstring. ``request_stop()`` may be called from a signal handler."""
 
     def __init__(self, config: FuseConfig, *, progress: Progress | None = None,
-                 fuser_factory: Callable[..., Any] = default_fuser_factory):
+                 fuser_factory: Callable[..., Any] | None = None):
         self.config = config
         self.progress = progress or Progress()
-        self.fuser_factory = fuser_factory
+        self.fuser_factory = fuser_factory or default_fuser_factory
         self.fuser = None
         self.layout: Layout | None = None
         self._reader: RecordReader | None = None
@@ -197,6 +297,8 @@ class FuseRun:
         self._by_position: dict[int, bytes] = {}
         self._exhausted = False
         self.model_meta: dict = {}
+        self._checked_model: Path | None = None
+        self.input_bytes = 0
 
     # -- phase 1: everything that can fail before model work --------------------------------
 
@@ -210,6 +312,7 @@ class FuseRun:
             raise OutputExistsError(f"{cfg.output} exists; pass --force to overwrite it (or choose another -o)")
         if not cfg.output.parent.is_dir():
             raise ConfigError(f"cannot write {cfg.output}: folder {cfg.output.parent} does not exist")
+        check_writable_folder(cfg.output)
         if self.output_format == "parquet":
             from .records import import_pyarrow
 
@@ -217,7 +320,32 @@ class FuseRun:
         if detect_compression(cfg.output) == "zstd":
             import_zstandard()
         self.layout = self._reader.scan(required=(cfg.raw_field, cfg.synthetic_field))
+        self.input_bytes = cfg.input.stat().st_size
         return self.layout
+
+    def check_model(self) -> dict:
+        """Check ``config.model`` from its header alone, before it is hashed or loaded and before the
+        journal is touched: a complete LLaMA GGUF whose trained context holds the prompt budget plus
+        ``max_new_tokens``. Returns its :func:`~capsfuse_lite.models.gguf_defaults`."""
+        from .models import check_gguf, gguf_defaults
+
+        cfg = self.config
+        if cfg.model is None:
+            raise ConfigError("no model: pass --model FILE.gguf")
+        path = Path(cfg.model)
+        if self._checked_model == path:
+            return self.model_meta
+        check_gguf(path)
+        meta = gguf_defaults(path)
+        max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else meta["max_new_tokens"]
+        trained = meta["context_length"]
+        if trained and meta["max_input_tokens"] + max_new > trained:
+            raise ConfigError(
+                f"max_new_tokens={max_new}: a {meta['max_input_tokens']}-token prompt plus {max_new} new tokens "
+                f"exceeds the {trained} positions {path.name} was trained for; use at most "
+                f"{max(trained - meta['max_input_tokens'], 0)} (--max-new-tokens)")
+        self.model_meta, self._checked_model = meta, path
+        return meta
 
     @property
     def selected(self) -> range:
@@ -228,11 +356,12 @@ class FuseRun:
         return range(first, stop, step)
 
     def fingerprint(self, model_path: Path) -> dict:
-        """What must match for a journal to be resumed: model, decoding, fields, input."""
-        from .models import file_sha256, gguf_defaults
+        """What must match for a journal to be resumed: model, decoding, fields, input row count.
+        (Row content is checked row by row: each journaled row carries its caption-pair key.)"""
+        from .models import file_sha256
 
         cfg = self.config
-        meta = self.model_meta = gguf_defaults(model_path)
+        meta = self.check_model()
         return {
             "model_sha256": file_sha256(model_path),
             "beams": cfg.beams if cfg.beams is not None else meta["num_beams"],
@@ -243,7 +372,6 @@ class FuseRun:
             "raw_field": cfg.raw_field,
             "synthetic_field": cfg.synthetic_field,
             "input_rows": self.layout.rows,
-            "input_bytes": cfg.input.stat().st_size,
         }
 
     # -- phase 2: model work -----------------------------------------------------------------
@@ -258,25 +386,27 @@ class FuseRun:
         cfg = self.config
         if self.layout is None:
             self.prepare()
-        if cfg.model is None:
-            raise ConfigError("no model: pass --model FILE.gguf")
         t0 = time.monotonic()
+        self.check_model()
         model_path = Path(cfg.model)
         jpath = journal_path(cfg.output)
-        if cfg.force:
-            jpath.unlink(missing_ok=True)
-        elif cfg.resume and not jpath.exists():
+        if cfg.resume and not jpath.exists():
             self.progress.note(f"no journal at {jpath}: starting from the first row")
-        replaced = [c for c in (cfg.output_field, FINISH_COLUMN, STATUS_COLUMN, ERROR_COLUMN) if c in self.layout.columns]
+        replaced = [c for c in (cfg.output_field, *RESERVED_COLUMNS) if c in self.layout.columns]
         if replaced:
             self.progress.note(f"note: input column(s) {', '.join(map(repr, replaced))} are replaced in the output "
                                "(--output-field names the fused caption's column)")
         fingerprint = self.fingerprint(model_path)
         summary = RunSummary(output=cfg.output, complete=False)
         selected = self.selected
-        with Journal.open(jpath, fingerprint, self.layout.rows) as journal:
+        with Journal.open(jpath, fingerprint, self.layout.rows, discard=cfg.force) as journal:
+            if cfg.output.exists() and not cfg.force:  # another run finished it since prepare()
+                raise OutputExistsError(f"{cfg.output} exists; pass --force to overwrite it (or choose another -o)")
+            if journal.restarted:
+                self.progress.note(f"journal {jpath} held no rows; starting it over with the new settings "
+                                   f"({'; '.join(journal.restarted)})")
             summary.rows_total = len(selected)
-            summary.rows_resumed = sum(1 for i in selected if journal.is_done(i))
+            summary.rows_resumed = sum(1 for i in selected if journal.is_done(i))  # less rows whose captions changed
             if journal.torn_bytes or journal.dropped_lines:
                 self.progress.note(f"journal {jpath}: dropped a torn tail ({journal.torn_bytes} bytes) "
                                    f"and {journal.dropped_lines} unreadable line(s); those rows are redone")
@@ -296,11 +426,12 @@ class FuseRun:
             summary.complete = self._exhausted and not self._inflight
             self.progress.close()
             if summary.complete:
+                journal.sync()  # durable before the output is built from it (and still in its place)
                 self.progress.note(f"writing {cfg.output} ...")
                 self._assemble(journal, summary)
                 summary.wall_s = time.monotonic() - t0
                 self._write_meta(summary, fingerprint)
-                replace_atomically(partial_path(cfg.output), cfg.output)
+                self._publish()
                 journal.remove()
             else:
                 journal.sync()
@@ -328,22 +459,31 @@ class FuseRun:
         for result in self.fuser.fuse(itertools.chain([first], pending), ordered=False):
             key = self._by_position.pop(result.index)
             rows = self._inflight.pop(key)
-            entry = {"text": result.text, "finish_reason": result.finish_reason,
-                     "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.token_ids),
-                     "truncated": bool(result.truncated)}
+            entry = journal_entry(result)
             for i in rows:
                 journal.record(i, key, entry)
             journal.flush()
-            summary.rows_fused += 1
-            summary.rows_reused += len(rows) - 1
-            summary.prompt_tokens += result.prompt_tokens
-            summary.generated_tokens += len(result.token_ids)
-            summary.truncated_prompts += bool(result.truncated)
-            summary.length_cut += result.finish_reason == "length"
-            self.progress.advance(len(rows), len(result.token_ids))
+            self._count(summary, entry, len(rows))
+            self.progress.advance(len(rows), entry["generated_tokens"])
+
+    @staticmethod
+    def _count(summary: RunSummary, entry: dict, rows: int) -> None:
+        if entry.get("error"):
+            summary.rows_skipped += rows
+            return
+        summary.rows_fused += 1
+        summary.rows_reused += rows - 1
+        summary.prompt_tokens += entry["prompt_tokens"]
+        summary.generated_tokens += entry["generated_tokens"]
+        summary.truncated_prompts += bool(entry["truncated"])
+        summary.length_cut += entry["finish_reason"] == "length"
 
     def _pending(self, journal: Journal, summary: RunSummary) -> Iterator[tuple[str, str]]:
-        """Caption pairs for the engine, in input order: rows not done, not skipped, not duplicates."""
+        """Caption pairs for the engine, in input order: rows not done, not skipped, not duplicates.
+
+        A row counts as done only if the journal holds it under its current caption-pair key; a row
+        whose captions changed since it was journaled is fused again (its count moves from resumed
+        back to pending)."""
         cfg = self.config
         selected = self.selected
         position = 0
@@ -352,22 +492,31 @@ class FuseRun:
                 return
             if i >= selected.stop:
                 break
-            if i % selected.step != selected.start or journal.is_done(i):
+            if i % selected.step != selected.start:
                 continue
             raw, synthetic, reason = caption_pair(row, cfg.raw_field, cfg.synthetic_field)
+            key = pair_key(raw, synthetic) if reason is None else None
+            if journal.is_done(i):
+                if key is not None and journal.done_key(i) == key:
+                    continue
+                summary.rows_resumed -= 1  # journaled for other captions: not done after all
+                self.progress.done -= 1
             if reason is not None:
                 summary.rows_skipped += 1
                 self.progress.advance(1)
                 continue
-            key = pair_key(raw, synthetic)
             waiting = self._inflight.get(key)
             if waiting is not None:
                 waiting.append(i)
                 continue
             known = journal.lookup(key)
             if known is not None:
-                journal.record(i, key, {k: v for k, v in known.items() if k not in ("i", "h")})
-                summary.rows_reused += 1
+                entry = {k: v for k, v in known.items() if k not in ("i", "h")}
+                journal.record(i, key, entry)
+                if entry.get("error"):
+                    summary.rows_skipped += 1
+                else:
+                    summary.rows_reused += 1
                 self.progress.advance(1)
                 continue
             self._inflight[key] = [i]
@@ -404,39 +553,51 @@ class FuseRun:
                         continue
                     while current is not None and current[0] < i:
                         current = next(results, None)
-                    _, _, reason = caption_pair(row, cfg.raw_field, cfg.synthetic_field)
-                    if reason is not None:
-                        out = {cfg.output_field: None, FINISH_COLUMN: None, STATUS_COLUMN: STATUS_SKIPPED, ERROR_COLUMN: reason}
-                        summary.rows_skipped += 1
-                    elif current is not None and current[0] == i:
+                    raw, synthetic, reason = caption_pair(row, cfg.raw_field, cfg.synthetic_field)
+                    entry = None
+                    if reason is None:
+                        if current is None or current[0] != i or current[1].get("h") != pair_key(raw, synthetic).hex():
+                            raise InputFileError(f"{cfg.input}: row {i} has no journaled result for its current captions "
+                                                 "(did the input change during the run?); rerun to fuse it")
                         entry = current[1]
-                        out = {cfg.output_field: entry["text"], FINISH_COLUMN: entry["finish_reason"],
-                               STATUS_COLUMN: STATUS_OK, ERROR_COLUMN: None}
+                    out = result_columns(cfg.output_field, entry, reason)
+                    if out[STATUS_COLUMN] == STATUS_SKIPPED:
+                        summary.rows_skipped += 1
+                    else:
                         summary.truncated_prompts += bool(entry.get("truncated"))
                         summary.length_cut += entry["finish_reason"] == "length"
-                    else:
-                        raise InputFileError(f"{cfg.input}: row {i} has no journaled result (did the input change during the run?); rerun to fuse it")
                     row = {k: v for k, v in row.items() if k not in out}
                     row.update(out)
-                    writer.write(row)
+                    writer.write(writable(row))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno == errno.ENOSPC:
-                raise DiskSpaceError(f"disk full while writing {tmp}; free space and rerun the same command (the journal keeps every fused row)") from None
-            raise
+            _remove_quietly(tmp)
+            raise write_error(exc, tmp, RESUME_HINT) from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _remove_quietly(tmp)
             raise
+
+    def _publish(self) -> None:
+        """Rename the finished OUTPUT.partial onto OUTPUT (durably)."""
+        cfg = self.config
+        try:
+            replace_atomically(partial_path(cfg.output), cfg.output)
+        except OSError as exc:
+            raise write_error(exc, cfg.output, RESUME_HINT) from None
 
     def _write_meta(self, summary: RunSummary, fingerprint: dict) -> None:
         cfg = self.config
+        try:
+            output_bytes = partial_path(cfg.output).stat().st_size
+        except OSError as exc:
+            raise write_error(exc, partial_path(cfg.output), RESUME_HINT) from None
         meta = {
             "capsfuse_lite": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": cfg.command,
             "input": {"path": str(cfg.input.resolve()), "format": self.layout.format, "rows": self.layout.rows,
-                      "bytes": fingerprint["input_bytes"]},
-            "output": {"path": str(cfg.output.resolve()), "format": self.output_format, "rows": summary.rows_total},
+                      "bytes": self.input_bytes},
+            "output": {"path": str(cfg.output.resolve()), "format": self.output_format, "rows": summary.rows_total,
+                       "bytes": output_bytes},
             "fields": {"raw": cfg.raw_field, "synthetic": cfg.synthetic_field, "output": cfg.output_field},
             "selection": {"limit": cfg.limit, "shard": f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else None},
             "model": summary.model,
@@ -452,7 +613,7 @@ class FuseRun:
 
 
 def run_fuse(config: FuseConfig, *, progress: Progress | None = None,
-             fuser_factory: Callable[..., Any] = default_fuser_factory) -> RunSummary:
+             fuser_factory: Callable[..., Any] | None = None) -> RunSummary:
     """Validate, fuse and write in one call (``config.model`` must be a GGUF path)."""
     run = FuseRun(config, progress=progress, fuser_factory=fuser_factory)
     run.prepare()

@@ -2,9 +2,14 @@
 
 Shard ``I`` of ``N`` holds input rows ``I, I+N, I+2N, ...`` in order, so the full result is the
 parts interleaved round-robin: one row of part 0, one of part 1, ..., one of part N-1, again.
-Each part's ``OUTPUT.meta.json`` says which shard it is; parts are sorted by it and checked to
-come from one run (same input, model and decoding settings, and all of shards 0 .. N-1).
-Without meta files the parts are taken in the order given.
+
+A merge must be provably the whole input, once, in order, so it relies on the ``OUTPUT.meta.json``
+that ``fuse`` writes beside every part, never on the order of the arguments. Each part needs one;
+it says which shard the part is, how many input rows the run selected from (``input.rows`` and
+``selection.limit``) and the part's own row count and byte size. Parts are refused unless they are
+shards 0 .. N-1 of one run (same input, model, decoding settings and fields), each exactly once,
+each holding exactly the rows its shard selects, and each file unchanged since ``fuse`` wrote it
+(row count and size as in its meta file). They are then sorted by shard index.
 """
 
 from __future__ import annotations
@@ -14,42 +19,55 @@ import json
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, InputFileError, OutputExistsError
+from .errors import ConfigError, InputFileError, OutputExistsError, write_error
 from .journal import replace_atomically
-from .records import detect_compression, detect_format, open_reader, open_writer
+from .records import Layout, detect_compression, detect_format, merge_kinds, open_reader, open_writer
 from .runner import meta_path, parse_shard, partial_path, write_json_atomic
 
 _SAME = (("input", "rows"), ("input", "bytes"), ("model", "sha256"), ("settings", "beams"),
-         ("settings", "max_new_tokens"), ("fields", "output"), ("selection", "limit"))
+         ("settings", "max_new_tokens"), ("fields", "raw"), ("fields", "synthetic"), ("fields", "output"),
+         ("selection", "limit"))
 
 
-def _load_metas(parts: list[Path]) -> list[dict] | None:
+def _load_metas(parts: list[Path]) -> list[dict]:
     metas = []
     for part in parts:
         path = meta_path(part)
         if not path.exists():
-            metas.append(None)
-            continue
+            raise InputFileError(f"no meta file beside {part} ({path.name}): merge needs the meta file `fuse --shard I/N` "
+                                 "writes beside each part to know which shard it is and that it is complete")
         try:
-            metas.append(json.loads(path.read_text(encoding="utf-8")))
+            meta = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputFileError(f"{path}: unreadable meta file ({exc})") from None
-    if all(m is None for m in metas):
-        return None
-    missing = [str(p) for p, m in zip(parts, metas) if m is None]
-    if missing:
-        raise InputFileError(f"no meta file beside {', '.join(missing)} (the other parts have one): cannot tell which shard it is")
+        if not isinstance(meta, dict):
+            raise InputFileError(f"{path}: not a capsfuse-lite meta file")
+        metas.append(meta)
     return metas
 
 
-def order_parts(parts: list[Path]) -> tuple[list[Path], list[dict] | None]:
-    """Parts sorted by shard index, checked to be shards 0..N-1 of one run."""
+def _get(meta: dict, key: tuple[str, str]):
+    section = meta.get(key[0])
+    return section.get(key[1]) if isinstance(section, dict) else None
+
+
+def shard_rows(shard: tuple[int, int], input_rows: int, limit: int | None) -> int:
+    """How many rows ``fuse --shard I/N`` selects from ``input_rows`` rows (after ``--limit``)."""
+    stop = input_rows if limit is None else min(limit, input_rows)
+    return len(range(shard[0], stop, shard[1]))
+
+
+def order_parts(parts: list[Path]) -> tuple[list[Path], list[dict]]:
+    """Parts sorted by shard index, checked (from their meta files) to be shards 0..N-1 of one run,
+    each with the row count its shard selects. The files themselves are checked by :func:`merge_shards`."""
     metas = _load_metas(parts)
-    if metas is None:
-        return parts, None
+    resolved = [p.resolve() for p in parts]
+    for k, path in enumerate(resolved):
+        if path in resolved[:k]:
+            raise ConfigError(f"{parts[k]} is given twice; each shard must be merged exactly once")
     shards = []
     for part, meta in zip(parts, metas):
-        spec = (meta.get("selection") or {}).get("shard")
+        spec = _get(meta, ("selection", "shard"))
         if not spec:
             raise InputFileError(f"{part}: not a shard output (its meta file has no shard); nothing to merge")
         shards.append(parse_shard(spec))
@@ -65,11 +83,28 @@ def order_parts(parts: list[Path]) -> tuple[list[Path], list[dict] | None]:
                           + (f"; missing {', '.join(f'{i}/{n}' for i in missing)}" if missing else "")
                           + (f"; repeated {', '.join(f'{i}/{n}' for i in dupes)}" if dupes else ""))
     for key in _SAME:
-        values = {json.dumps((m.get(key[0]) or {}).get(key[1])) for m in metas}
+        values = {json.dumps(_get(m, key)) for m in metas}
         if len(values) > 1:
             raise ConfigError(f"parts differ in {'.'.join(key)} ({', '.join(sorted(values))}): they are not one run")
+    for part, meta, shard in zip(parts, metas, shards):
+        input_rows, limit, rows = _get(meta, ("input", "rows")), _get(meta, ("selection", "limit")), _get(meta, ("output", "rows"))
+        if not isinstance(input_rows, int) or not isinstance(rows, int) or not isinstance(_get(meta, ("output", "bytes")), int):
+            raise InputFileError(f"{meta_path(part)}: lacks input.rows, output.rows or output.bytes; "
+                                 "not written by this capsfuse-lite (rerun the shard)")
+        want = shard_rows(shard, input_rows, limit if isinstance(limit, int) else None)
+        if rows != want:
+            raise InputFileError(f"{part}: shard {shard[0]}/{shard[1]} of {input_rows} input rows should hold {want} rows, "
+                                 f"its meta file says {rows}; rerun that shard")
     order = sorted(range(len(parts)), key=lambda k: shards[k][0])
     return [parts[k] for k in order], [metas[k] for k in order]
+
+
+def _check_unchanged(part: Path, meta: dict, rows: int) -> None:
+    """The part file is the one its meta file describes (row count and byte size)."""
+    size = part.stat().st_size
+    if size != meta["output"]["bytes"] or rows != meta["output"]["rows"]:
+        raise InputFileError(f"{part}: {rows} rows / {size:,} bytes, but its meta file says {meta['output']['rows']} rows / "
+                             f"{meta['output']['bytes']:,} bytes: the file changed after `fuse` wrote it; rerun that shard")
 
 
 def merge_shards(parts: list[str | Path], output: str | Path, *, output_format: str | None = None,
@@ -88,13 +123,13 @@ def merge_shards(parts: list[str | Path], output: str | Path, *, output_format: 
     parts, metas = order_parts(parts)
     readers = [open_reader(p, csv_delimiter=csv_delimiter) for p in parts]
     layouts = [r.scan() for r in readers]
-    for part, layout in zip(parts[1:], layouts[1:]):
-        if list(layout.columns) != list(layouts[0].columns):
-            raise InputFileError(f"{part}: columns differ from {parts[0]} ({', '.join(layout.columns)})")
+    for part, meta, layout in zip(parts, metas, layouts):
+        _check_unchanged(part, meta, layout.rows)
     total = sum(layout.rows for layout in layouts)
     tmp = partial_path(output)
     try:
-        with open_writer(tmp, fmt, layouts[0], compression=detect_compression(output), csv_delimiter=csv_delimiter) as writer:
+        with open_writer(tmp, fmt, _merged_layout(parts, layouts), compression=detect_compression(output),
+                         csv_delimiter=csv_delimiter) as writer:
             iters = [r.rows() for r in readers]
             while True:
                 ended_at = None
@@ -114,27 +149,45 @@ def merge_shards(parts: list[str | Path], output: str | Path, *, output_format: 
         meta = _merged_meta(parts, metas, output, fmt, total)
         write_json_atomic(meta_path(output), meta)
         replace_atomically(tmp, output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(exc, tmp) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return total
 
 
-def _merged_meta(parts: list[Path], metas: list[dict] | None, output: Path, fmt: str, total: int) -> dict:
-    meta: dict = dict(metas[0]) if metas else {}
+def _merged_layout(parts: list[Path], layouts: list[Layout]) -> Layout:
+    """The columns of the merged file. CSV and Parquet parts of one run share the input's columns;
+    JSON parts list the keys their own rows have (rows may differ in keys), so theirs are united."""
+    first = layouts[0]
+    if all(list(layout.columns) == list(first.columns) for layout in layouts):
+        return first
+    for part, layout in zip(parts, layouts):
+        if layout.format not in ("json", "jsonl") or first.format not in ("json", "jsonl"):
+            raise InputFileError(f"{part}: columns differ from {parts[0]} ({', '.join(layout.columns)})")
+    columns: dict[str, str] = {}
+    for layout in layouts:
+        for name, kind in layout.columns.items():
+            columns[name] = merge_kinds(columns.get(name), kind)
+    return Layout(first.format, sum(layout.rows for layout in layouts), columns)
+
+
+def _merged_meta(parts: list[Path], metas: list[dict], output: Path, fmt: str, total: int) -> dict:
+    meta: dict = dict(metas[0])
     meta.update({
         "capsfuse_lite": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "output": {"path": str(output), "format": fmt, "rows": total},
+        "output": {"path": str(output), "format": fmt, "rows": total, "bytes": partial_path(output).stat().st_size},
         "merged_from": [str(p) for p in parts],
     })
-    if metas:
-        meta["selection"] = {**(metas[0].get("selection") or {}), "shard": None}
-        counts: dict = {}
-        for m in metas:
-            for key, value in (m.get("counts") or {}).items():
-                counts[key] = counts.get(key, 0) + (value or 0)
-        meta["counts"] = counts
-        meta["timing"] = {"parts": [m.get("timing") for m in metas]}
-        meta["command"] = [m.get("command") for m in metas]
+    meta["selection"] = {**(metas[0].get("selection") or {}), "shard": None}
+    counts: dict = {}
+    for m in metas:
+        for key, value in (m.get("counts") or {}).items():
+            counts[key] = counts.get(key, 0) + (value or 0)
+    meta["counts"] = counts
+    meta["timing"] = {"parts": [m.get("timing") for m in metas]}
+    meta["command"] = [m.get("command") for m in metas]
     return meta

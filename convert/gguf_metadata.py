@@ -2,7 +2,9 @@
 
 ``read_gguf_metadata(path)`` returns ``{key: value}``; arrays are returned as :class:`GGUFArray`
 (item type and length) unless ``load_arrays`` is true, so reading ``capsfuse.*`` keys from a
-multi-gigabyte file costs a few milliseconds. ``read_gguf_tensors(path)`` lists the tensor infos.
+multi-gigabyte file costs a few milliseconds. ``read_gguf_tensors(path)`` lists the tensor infos;
+``read_gguf_layout(path)`` adds where the tensor data starts and ends, so a truncated file is
+caught (:meth:`GGUFLayout.problems`) before llama.cpp maps it.
 """
 
 from __future__ import annotations
@@ -75,7 +77,42 @@ class _Cursor:
         raise ModelLoadError(f"{self.path}: unknown GGUF value type {vtype}; the file is corrupt or too new")
 
 
-def _parse(path: Path, load_arrays: bool, want_tensors: bool) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
+@dataclass(frozen=True)
+class GGUFLayout:
+    meta: dict[str, Any]
+    tensors: list[GGUFTensorInfo]
+    data_offset: int  # first byte of the tensor data (the header's end, aligned)
+    file_size: int
+
+    @property
+    def data_end(self) -> int:
+        """One past the last byte of tensor data the header describes (0 without tensors)."""
+        return max((self.data_offset + t.offset + tensor_nbytes(t) for t in self.tensors), default=0)
+
+    def problems(self) -> list[str]:
+        """What makes the file unusable though its header reads: tensor data past the end of the file."""
+        if self.data_end > self.file_size:
+            missing = self.data_end - self.file_size
+            return [f"truncated: the tensor data ends at byte {self.data_end:,} but the file has {self.file_size:,} bytes "
+                    f"({missing:,} missing); the file is incomplete (convert or copy it again)"]
+        return []
+
+
+def tensor_nbytes(tensor: GGUFTensorInfo) -> int:
+    """Bytes of a tensor's data from its shape and ggml type."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor.ggml_type)]
+    except (ValueError, KeyError):
+        raise ModelLoadError(f"tensor {tensor.name}: unknown ggml type {tensor.ggml_type}; the file is corrupt or too new") from None
+    n = 1
+    for dim in tensor.shape:
+        n *= dim
+    return n // block * size
+
+
+def _parse(path: Path, load_arrays: bool, want_tensors: bool) -> tuple[dict[str, Any], list[GGUFTensorInfo], int, int]:
     path = Path(path)
     try:
         handle = open(path, "rb")
@@ -106,7 +143,8 @@ def _parse(path: Path, load_arrays: bool, want_tensors: bool) -> tuple[dict[str,
                     name = cur.string()
                     dims = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
                     tensors.append(GGUFTensorInfo(name, dims, cur.unpack("<I"), cur.unpack("<Q")))
-    return meta, tensors
+            end, size = cur.pos, len(buf)
+    return meta, tensors, end, size
 
 
 def read_gguf_metadata(path: str | Path, *, load_arrays: bool = False) -> dict[str, Any]:
@@ -117,3 +155,12 @@ def read_gguf_metadata(path: str | Path, *, load_arrays: bool = False) -> dict[s
 def read_gguf_tensors(path: str | Path) -> list[GGUFTensorInfo]:
     """The tensor table (name, GGUF-order shape, ggml type id, data offset)."""
     return _parse(Path(path), False, True)[1]
+
+
+def read_gguf_layout(path: str | Path) -> GGUFLayout:
+    """Metadata, tensor table and data extent of a GGUF (arrays as GGUFArray)."""
+    meta, tensors, header_end, size = _parse(Path(path), False, True)
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align < 1:
+        raise ModelLoadError(f"{path}: general.alignment={align!r} is not a positive integer; the file is corrupt")
+    return GGUFLayout(meta, tensors, -(-header_end // align) * align, size)

@@ -1,4 +1,8 @@
-"""``describe_gguf``: what ``capsfuse-lite info`` shows about a GGUF, as a plain dict."""
+"""``describe_gguf``: what ``capsfuse-lite info`` shows about a GGUF, as a plain dict.
+
+``problems`` lists what makes the file unusable although its header reads (tensor data extending
+past the end of the file: a truncated download or copy); ``info`` prints them and exits with 2.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import gguf
 
 from capsfuse_lite import defaults as D
 
-from .gguf_metadata import GGUFArray, read_gguf_metadata, read_gguf_tensors
+from .gguf_metadata import GGUFArray, read_gguf_layout
 
 CAPSFUSE_KEYS = (D.KEY_PROMPT_TEMPLATE, D.KEY_MAX_INPUT_TOKENS, D.KEY_NUM_BEAMS, D.KEY_MAX_NEW_TOKENS,
                  D.KEY_LENGTH_OFFSET, D.KEY_SOURCE, D.KEY_REVISION, D.KEY_SOURCE_SHA256, D.KEY_CONVERTER_VERSION)
@@ -33,8 +37,8 @@ def gpu_offload_supported() -> bool:
 
 def describe_gguf(path: str | Path, *, check_gpu: bool = True) -> dict[str, Any]:
     path = Path(path)
-    meta = read_gguf_metadata(path)
-    tensors = read_gguf_tensors(path)
+    layout = read_gguf_layout(path)
+    meta, tensors = layout.meta, layout.tensors
     arch = meta.get("general.architecture", "unknown")
     types = Counter(_enum_name(gguf.GGMLQuantizationType, t.ggml_type) for t in tensors)
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -69,5 +73,6 @@ def describe_gguf(path: str | Path, *, check_gpu: bool = True) -> dict[str, Any]
             "add_bos": meta.get("tokenizer.ggml.add_bos_token"),
         },
         "capsfuse": capsfuse,
+        "problems": layout.problems(),  # e.g. truncated: the file cannot be loaded
         "gpu_offload": gpu_offload_supported() if check_gpu else None,
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import gguf
@@ -11,6 +10,7 @@ import numpy as np
 
 from capsfuse_lite import __version__
 from capsfuse_lite import defaults as D
+from capsfuse_lite.journal import replace_atomically
 
 from .hub import resolve_source
 from .llama import (ARCH_NAME, DIRECT_TYPES, LLAMA_QUANT_TYPES, QUANT_BITS_PER_WEIGHT, add_model_metadata,
@@ -18,8 +18,8 @@ from .llama import (ARCH_NAME, DIRECT_TYPES, LLAMA_QUANT_TYPES, QUANT_BITS_PER_W
 from .progress import ConvertProgress, human_bytes
 from .source import open_checkpoint
 from .vocab import build_vocab
-from .writer import (PENDING_DIGEST, SequentialHasher, check_free_space, check_output_path, remove_quietly,
-                     sha256_file, temp_path, write_gguf)
+from .writer import (PENDING_DIGEST, SequentialHasher, check_free_space, check_output_path, fsync_file,
+                     remove_quietly, sha256_file, temp_path, write_gguf)
 
 log = logging.getLogger("capsfuse_lite.convert")
 
@@ -117,8 +117,9 @@ def convert_checkpoint(source: str | Path = D.DEFAULT_HUB_REPO, out_path: str | 
 
             reporter.message(f"quantizing to {out_type} with llama.cpp ({human_bytes(first.stat().st_size)} {write_type} intermediate)")
             quantize_with_llama_cpp(first, final_tmp, out_type)
+            fsync_file(final_tmp)  # llama.cpp's quantizer does not fsync what it writes
             remove_quietly(first)
-        os.replace(final_tmp, out)
+        replace_atomically(final_tmp, out)  # rename, then fsync the folder so the rename survives a crash
     except BaseException:
         remove_quietly(first)
         remove_quietly(final_tmp)

@@ -58,6 +58,15 @@ def remove_quietly(path: Path) -> None:
         pass
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a finished file's data to disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

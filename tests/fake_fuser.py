@@ -20,6 +20,10 @@ class FakeResult:
     finish_reason: str
     prompt_tokens: int
     truncated: bool
+    error: str | None = None
+
+
+REFUSED = "<refuse me>"  # a caption holding this is refused like a tokenizer refusal in the real engine
 
 
 def fake_caption(raw: str, synthetic: str, max_new_tokens: int) -> tuple[str, str]:
@@ -63,6 +67,8 @@ class FakeFuser:
                 self.on_result(yielded)
 
     def _result(self, index, raw, synthetic):
+        if REFUSED in raw or REFUSED in synthetic:
+            return FakeResult(index, "", [], "skipped", 0, False, "the tokenizer refused a caption (fake)")
         text, reason = fake_caption(raw, synthetic, self.settings["max_new_tokens"])
         return FakeResult(index, text, list(range(len(text.split()))), reason, 40 + len(raw.split()), len(raw) > 90)
 

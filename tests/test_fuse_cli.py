@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from markers import needs_pyarrow
 from typer.testing import CliRunner
 
 from capsfuse_lite import models
@@ -31,8 +32,6 @@ from capsfuse_lite.journal import journal_path
 from capsfuse_lite.records import Layout, open_writer, read_all
 from capsfuse_lite.runner import meta_path
 
-pytest.importorskip("llama_cpp")
-pytest.importorskip("pyarrow")
 
 TOKENS = "8"  # --max-new-tokens: short captions keep the suite fast
 # One llama.cpp thread: on a shared 2-core machine, two spinning threads can take 30x longer.
@@ -81,7 +80,7 @@ def test_reference_run_is_complete_and_described(reference, sample_rows):
     assert {r["finish_reason"] for r in reference} <= {"eos", "length"}
 
 
-@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", pytest.param("parquet", marks=needs_pyarrow)])
 def test_every_format_round_trips_with_the_same_captions(tmp_path, tiny_gguf_f32, sample_rows, reference, fmt):
     src = write(tmp_path / f"in.{fmt}", sample_rows)
     out = tmp_path / f"out.{fmt}"
@@ -131,6 +130,7 @@ def test_existing_output_needs_force(tmp_path, tiny_gguf_f32, sample_rows):
     assert result.exit_code == 0 and len(read_all(out)) == 3
 
 
+@needs_pyarrow
 def test_shards_through_the_cli_merge_back(tmp_path, tiny_gguf_f32, sample_rows):
     src = write(tmp_path / "in.parquet", sample_rows)
     one_slot = (*FAST, "--slots", "1")  # shards batch different rows together: compare one-slot runs
@@ -236,6 +236,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_gguf_f32,
     assert not journal_path(out).exists() and not Path(f"{out}.partial").exists()
 
 
+@needs_pyarrow
 def test_ctrl_c_saves_the_journal_and_prints_the_resume_command(tmp_path, tiny_gguf_f32, long_run):
     src, whole = long_run
     out = tmp_path / "out.parquet"
@@ -260,3 +261,31 @@ def test_ctrl_c_saves_the_journal_and_prints_the_resume_command(tmp_path, tiny_g
         [{k: r[k] for k in ("laion_2b", "laion_coco", "n")} for r in whole]
     assert all(r["status"] == "ok" and r["capsfusion"] for r in rows)
     assert all(rows[i]["capsfusion"] == text for i, text in journaled.items())
+
+
+def test_a_second_run_on_the_same_output_is_refused_even_with_force(tmp_path, tiny_gguf_f32, long_run):
+    """Two real processes: the first is held mid-run (SIGSTOP) while a second one with --force (and a
+    third with --resume) tries the same output. They must be refused, and the first run's rows land."""
+    src, whole = long_run
+    out = tmp_path / "out.jsonl"
+    args = ["fuse", src, "-o", out, "--model", tiny_gguf_f32, *FAST, "--slots", "1", "--quiet"]
+    first = start(args, tmp_path, tmp_path / "cache")
+    try:
+        wait_for_rows(journal_path(out), 5, first)
+        os.kill(first.pid, signal.SIGSTOP)
+        for extra in ("--force", "--resume"):
+            second = start(args + [extra], tmp_path, tmp_path / "cache")
+            _, stderr = second.communicate(timeout=120)
+            assert second.returncode == 2, stderr
+            errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+            assert "Traceback" not in stderr and len(errors) == 1 and "in use by another capsfuse-lite run" in errors[0]
+        os.kill(first.pid, signal.SIGCONT)
+        _, stderr = first.communicate(timeout=300)
+        assert first.returncode == 0, stderr
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+            first.wait()
+    assert read_all(out) == whole  # every row of the first run, none lost to the --force attempt
+    assert not journal_path(out).exists()

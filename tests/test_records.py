@@ -18,14 +18,18 @@ import pytest
 import zstandard
 from fake_fuser import FakeFuser, fake_caption
 from typer.testing import CliRunner
+from markers import needs_pyarrow
 
 from capsfuse_lite import records
 from capsfuse_lite.errors import ConfigError, InputFileError
 from capsfuse_lite.records import (Layout, detect_compression, detect_format, open_reader, open_writer,
                                    parse_csv_delimiter, read_all)
 
-pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
+try:  # the `parquet` extra; without it only the Parquet cases skip (see markers.py)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:  # pragma: no cover
+    pa = pq = None
 
 MiB = 1 << 20
 
@@ -60,7 +64,7 @@ def _fail(path, *required, **options) -> str:
 # Round trips, layouts, detection
 
 
-@pytest.mark.parametrize("name", ["rows.json", "rows.jsonl", "rows.csv", "rows.parquet",
+@pytest.mark.parametrize("name", ["rows.json", "rows.jsonl", "rows.csv", pytest.param("rows.parquet", marks=needs_pyarrow),
                                   "rows.jsonl.gz", "rows.csv.gz", "rows.json.zst"])
 def test_sample_rows_round_trip_every_format(tmp_path, sample_rows, name):
     path = tmp_path / name
@@ -96,6 +100,7 @@ def test_json_values_cut_by_the_buffer_end_are_read_whole(tmp_path, monkeypatch,
     assert [json.dumps(r["v"]) for r in read_all(path)] == [json.dumps(json.loads(value))] * 40  # NaN != NaN
 
 
+@needs_pyarrow
 def test_layout_kinds_give_parquet_and_csv_a_stable_schema(tmp_path):
     rows = [{"a": "x", "n": 1, "d": {"k": [1]}, "b": True},
             {"a": None, "n": 2.5, "d": "text", "e": "late column"}]
@@ -109,6 +114,7 @@ def test_layout_kinds_give_parquet_and_csv_a_stable_schema(tmp_path):
     assert read_all(tmp_path / "mixed.csv")[1] == {"a": "", "n": "2.5", "d": "text", "b": "", "e": "late column"}
 
 
+@needs_pyarrow
 def test_with_columns_replaces_and_appends(tmp_path, sample_rows):
     path = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist([dict(r, capsfusion=1) for r in sample_rows]), path)
@@ -118,6 +124,7 @@ def test_with_columns_replaces_and_appends(tmp_path, sample_rows):
     assert list(layout.columns)[-2:] == ["capsfusion", "status"]
 
 
+@needs_pyarrow
 def test_parquet_is_read_in_batches_with_a_column_subset(tmp_path, monkeypatch, sample_rows):
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(sample_rows), path, row_group_size=10)
@@ -247,6 +254,7 @@ def test_a_bad_second_row_is_reported_without_reading_on(tmp_path, fmt, compress
     assert fed < LAZY_BOUND, f"read {fed / MiB:.1f} MiB of the stream before reporting row 1"
 
 
+@needs_pyarrow
 def test_parquet_holds_one_batch_not_the_file(tmp_path, monkeypatch):
     rng = random.Random(0)
     table = pa.table({"laion_2b": [rng.randbytes(250).hex() for _ in range(20_000)], "laion_coco": ["s"] * 20_000})
@@ -428,7 +436,11 @@ def test_merge_keeps_the_delimiter_of_semicolon_parts(tmp_path):
     from capsfuse_lite.shards import merge_shards
 
     for i, rows in enumerate((["a0", "a2"], ["a1"])):
-        (tmp_path / f"p{i}.csv").write_text("id;text\n" + "".join(f"{r};x, y\n" for r in rows))
+        part = tmp_path / f"p{i}.csv"
+        part.write_text("id;text\n" + "".join(f"{r};x, y\n" for r in rows))
+        meta = {"selection": {"shard": f"{i}/2", "limit": None}, "input": {"rows": 3, "bytes": 99},
+                "output": {"rows": len(rows), "bytes": part.stat().st_size}}  # as `fuse --shard` writes it
+        (tmp_path / f"p{i}.csv.meta.json").write_text(json.dumps(meta))
     assert merge_shards([tmp_path / "p0.csv", tmp_path / "p1.csv"], tmp_path / "all.csv.gz", csv_delimiter=";") == 3
     assert gzip.decompress((tmp_path / "all.csv.gz").read_bytes()).decode() == "id;text\r\na0;x, y\r\na1;x, y\r\na2;x, y\r\n"
 
@@ -545,6 +557,7 @@ def test_malformed_csv(tmp_path):
     assert "duplicate column" in _fail(path)
 
 
+@needs_pyarrow
 def test_bad_parquet(tmp_path, sample_rows):
     path = tmp_path / "bad.parquet"
     path.write_bytes(b"PAR1 this is not parquet")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from fake_fuser import FakeFactory, fake_caption
+from markers import needs_pyarrow
 from rich.console import Console
 
 from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError
@@ -44,7 +45,16 @@ def config(tmp_path, rows, out="out.jsonl", **kw) -> FuseConfig:
     if not src.exists():
         write_json(src, rows)
     kw.setdefault("slots", 4)
-    return FuseConfig(input=src, output=tmp_path / out, model=MODEL, **kw)
+    return FuseConfig(input=src, output=tmp_path / out, **{"model": MODEL, **kw})
+
+
+def interrupted(tmp_path, rows, after: int, out="out.jsonl", **kw) -> FuseRun:
+    """A run stopped (as by Ctrl-C) once the engine returned ``after`` results: its journal is left."""
+    run = FuseRun(config(tmp_path, rows, out, **kw),
+                  fuser_factory=FakeFactory(on_result=lambda n: n == after and run.request_stop()))
+    run.prepare()
+    run.execute()
+    return run
 
 
 def expected(rows, max_new_tokens=80):
@@ -63,7 +73,7 @@ def without_errors(rows):
     return [{k: v for k, v in r.items() if k != "error"} if r["status"] == "skipped" else r for r in rows]
 
 
-@pytest.mark.parametrize("out", ["out.jsonl", "out.json", "out.parquet"])
+@pytest.mark.parametrize("out", ["out.jsonl", "out.json", pytest.param("out.parquet", marks=needs_pyarrow)])
 def test_rows_come_back_in_input_order_with_columns_kept(tmp_path, rows, out):
     factory = FakeFactory()
     summary = run_fuse(config(tmp_path, rows, out), fuser_factory=factory)
@@ -121,10 +131,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, rows):
 
 
 def test_torn_journal_from_a_kill_resumes_cleanly(tmp_path, rows):
-    cfg = config(tmp_path, rows)
-    run = FuseRun(cfg, fuser_factory=FakeFactory(on_result=lambda n: n == 20 and run.request_stop()))
-    run.prepare()
-    run.execute()
+    cfg = interrupted(tmp_path, rows, 20).config
     jpath = journal_path(cfg.output)
     jpath.write_bytes(jpath.read_bytes()[:-25])  # the last line torn mid-write
     run_fuse(config(tmp_path, rows), fuser_factory=FakeFactory())  # same command, no --resume
@@ -177,10 +184,7 @@ def test_limit_and_reusing_a_journal_with_a_new_limit(tmp_path, rows):
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, rows):
-    cfg = config(tmp_path, rows)
-    run = FuseRun(cfg, fuser_factory=FakeFactory(on_result=lambda n: n == 5 and run.request_stop()))
-    run.prepare()
-    run.execute()
+    interrupted(tmp_path, rows, 5)
     with pytest.raises(ConfigError, match=r"max_new_tokens: 80 -> 12.*--force"):
         run_fuse(config(tmp_path, rows, max_new_tokens=12), fuser_factory=FakeFactory())
     summary = run_fuse(config(tmp_path, rows, max_new_tokens=12, force=True), fuser_factory=FakeFactory())
@@ -239,3 +243,186 @@ def test_plain_log_lines_and_summary_table(tmp_path, rows):
     table = console.file.getvalue()
     for label in ("fused", "skipped", "truncated prompts", "cut at token limit", "wall time", "throughput", "beams=3"):
         assert label in table
+
+
+# -- data safety (issue 10) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["status", "error", "finish_reason", "laion_2b", "laion_coco", ""])
+def test_output_field_may_not_overwrite_a_column_the_run_writes_or_reads(tmp_path, rows, name):
+    with pytest.raises(ConfigError, match="--output-field"):
+        config(tmp_path, rows, output_field=name)
+
+
+def test_reserved_output_field_is_refused_by_the_cli_before_any_work(tmp_path, rows):
+    from typer.testing import CliRunner
+
+    from capsfuse_lite.cli import app
+
+    src = write_json(tmp_path / "in.json", rows)
+    result = CliRunner().invoke(app, ["fuse", str(src), "-o", str(tmp_path / "out.jsonl"), "--model", str(MODEL),
+                                      "--output-field", "status"])
+    assert result.exit_code == 2 and "reserved" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "in.json"] or sorted(
+        p.name for p in tmp_path.iterdir()) == ["in.json"]
+
+
+def test_rows_the_engine_refuses_are_skipped_with_the_reason_and_never_refused_again(tmp_path, sample_rows):
+    from fake_fuser import REFUSED
+
+    rows = [dict(r) for r in sample_rows[:8]]
+    rows[2]["laion_2b"] = f"text {REFUSED}"
+    rows[6] = dict(rows[2], id="copy")  # the same pair: reused from the first, not sent again
+    factory = FakeFactory()
+    summary = run_fuse(config(tmp_path, rows), fuser_factory=factory)
+    got = read_all(tmp_path / "out.jsonl")
+    assert [r["status"] for r in got] == ["ok", "ok", "skipped", "ok", "ok", "ok", "skipped", "ok"]
+    assert got[2]["error"] == got[6]["error"] == "the tokenizer refused a caption (fake)"
+    assert got[2]["capsfusion"] is None and got[2]["finish_reason"] is None
+    assert summary.rows_skipped == 2 and summary.rows_fused == 6
+    assert sum(REFUSED in raw for raw, _ in factory.seen) == 1
+    assert json.loads(meta_path(tmp_path / "out.jsonl").read_text())["counts"]["rows_skipped"] == 2
+
+
+def test_a_caption_edited_in_place_is_fused_again_on_resume(tmp_path, rows):
+    cfg = interrupted(tmp_path, rows, 30).config
+    journaled = {json.loads(line)["i"] for line in journal_path(cfg.output).read_text().splitlines()[1:]}
+    k = min(journaled)
+    old = rows[k]["laion_2b"]
+    new = old[::-1] if old[::-1] != old else old.upper()  # same length, same byte size
+    assert len(new.encode()) == len(old.encode()) and new != old
+    edited = [dict(r) for r in rows]
+    edited[k]["laion_2b"] = new
+    text = cfg.input.read_text(encoding="utf-8")
+    cfg.input.write_text(text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1], 1), encoding="utf-8")
+    assert len(cfg.input.read_text(encoding="utf-8")) == len(text)
+
+    factory = FakeFactory()
+    summary = run_fuse(config(tmp_path, edited), fuser_factory=factory)
+    got = read_all(cfg.output)
+    assert got[k]["capsfusion"] == fake_caption(new, rows[k]["laion_coco"], 80)[0]
+    assert without_errors(got) == without_errors(expected(edited))
+    assert (new, rows[k]["laion_coco"]) in factory.seen
+    assert summary.rows_resumed == len(journaled) - 1
+
+
+def test_a_failed_model_load_does_not_block_the_corrected_model(tmp_path, rows):
+    from capsfuse_lite.errors import ModelLoadError
+
+    wrong = tmp_path / "wrong.gguf"
+    wrong.write_bytes(MODEL.read_bytes() + b"\0" * 64)  # another file (another sha256), header still valid
+
+    def failing(model_path, **kwargs):
+        raise ModelLoadError(f"llama.cpp could not load {model_path}")
+
+    with pytest.raises(ModelLoadError):
+        run_fuse(config(tmp_path, rows, model=wrong), fuser_factory=failing)
+    assert journal_path(tmp_path / "out.jsonl").exists()  # created, but it holds no rows
+    progress = Recorder()
+    summary = run_fuse(config(tmp_path, rows), progress=progress, fuser_factory=FakeFactory())
+    assert summary.complete and without_errors(read_all(tmp_path / "out.jsonl")) == without_errors(expected(rows))
+    assert any("held no rows" in n and "model_sha256" in n for n in progress.notes)
+
+
+def test_force_is_refused_while_another_run_holds_the_journal(tmp_path, rows):
+    from capsfuse_lite.journal import Journal
+
+    run = interrupted(tmp_path, rows, 5)
+    cfg = run.config
+    jpath = journal_path(cfg.output)
+    before = jpath.read_bytes()
+    holder = Journal.open(jpath, run.fingerprint(MODEL), run.layout.rows)  # a first run still writing
+    try:
+        for kw in ({"force": True}, {"resume": True}, {}):
+            with pytest.raises(ConfigError, match="in use by another capsfuse-lite run"):
+                run_fuse(config(tmp_path, rows, **kw), fuser_factory=FakeFactory(fail=True))
+        assert jpath.read_bytes() == before  # --force discarded nothing
+    finally:
+        holder.close()
+    summary = run_fuse(config(tmp_path, rows, force=True), fuser_factory=FakeFactory())
+    assert summary.complete and summary.rows_resumed == 0
+
+
+def test_an_output_finished_by_another_run_meanwhile_is_not_overwritten(tmp_path, rows, monkeypatch):
+    late = FuseRun(config(tmp_path, rows), fuser_factory=FakeFactory())
+    late.prepare()  # checks that the output does not exist yet ...
+    run_fuse(config(tmp_path, rows), fuser_factory=FakeFactory())  # ... then another run writes it
+    finished = (tmp_path / "out.jsonl").read_bytes()
+    with pytest.raises(OutputExistsError, match="--force"):
+        late.execute()
+    assert (tmp_path / "out.jsonl").read_bytes() == finished
+
+
+def test_settings_beyond_the_model_context_are_refused_before_hashing_or_journaling(tmp_path, rows):
+    with pytest.raises(ConfigError, match=r"max_new_tokens=100000: .*4096 positions .*at most 3840"):
+        run_fuse(config(tmp_path, rows, max_new_tokens=100_000), fuser_factory=FakeFactory(fail=True))
+    assert not journal_path(tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "cache" / "sha256.json").exists()  # the model was not hashed
+
+
+# -- merge: only parts provably complete, disjoint and ordered --------------------------------------
+
+
+@pytest.fixture
+def shard_parts(tmp_path, rows):
+    parts = []
+    for i in range(3):
+        cfg = config(tmp_path, rows, f"part{i}.jsonl", shard=(i, 3))
+        run_fuse(cfg, fuser_factory=FakeFactory())
+        parts.append(cfg.output)
+    return parts
+
+
+def test_merge_orders_parts_by_their_meta_whatever_the_argument_order(tmp_path, rows, shard_parts):
+    assert merge_shards(shard_parts[::-1], tmp_path / "m.jsonl") == len(rows)
+    assert without_errors(read_all(tmp_path / "m.jsonl")) == without_errors(expected(rows))
+
+
+def test_merge_refuses_parts_without_meta(tmp_path, rows, shard_parts):
+    for part in shard_parts:
+        meta_path(part).unlink()
+    with pytest.raises(InputFileError, match=r"no meta file beside .*part0.jsonl.*which shard"):
+        merge_shards(shard_parts, tmp_path / "m.jsonl")
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_merge_refuses_a_repeated_part(tmp_path, rows, shard_parts):
+    with pytest.raises(ConfigError, match="given twice"):
+        merge_shards(shard_parts + shard_parts[:1], tmp_path / "m.jsonl")
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(shard_parts[1].read_bytes())
+    meta_path(copy).write_bytes(meta_path(shard_parts[1]).read_bytes())
+    with pytest.raises(ConfigError, match="repeated 1/3"):
+        merge_shards([shard_parts[0], shard_parts[1], copy], tmp_path / "m.jsonl")
+
+
+def test_merge_refuses_a_part_that_changed_or_is_short(tmp_path, rows, shard_parts):
+    lines = shard_parts[1].read_text().splitlines(keepends=True)
+    shard_parts[1].write_text("".join(lines[:-1]))  # a row lost (e.g. a truncated copy)
+    with pytest.raises(InputFileError, match=r"part1.jsonl: \d+ rows .*meta file says"):
+        merge_shards(shard_parts, tmp_path / "m.jsonl")
+    shard_parts[1].write_text("".join(lines))
+    meta = json.loads(meta_path(shard_parts[2]).read_text())
+    meta["output"]["rows"] -= 1
+    meta_path(shard_parts[2]).write_text(json.dumps(meta))
+    with pytest.raises(InputFileError, match=r"shard 2/3 of \d+ input rows should hold"):
+        merge_shards(shard_parts, tmp_path / "m.jsonl")
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_an_input_edited_during_the_run_is_not_paired_with_stale_results(tmp_path, sample_rows):
+    rows = sample_rows[:10]
+    cfg = config(tmp_path, rows)
+    text = cfg.input.read_text(encoding="utf-8")
+    old = rows[0]["laion_2b"]
+
+    def edit(n):  # the engine is past row 0: change its caption in place before the output is built
+        if n == 9:
+            cfg.input.write_text(text.replace(old, old.upper(), 1), encoding="utf-8")
+
+    with pytest.raises(InputFileError, match=r"row 0 has no journaled result for its current captions"):
+        run_fuse(cfg, fuser_factory=FakeFactory(on_result=edit))
+    assert not cfg.output.exists() and journal_path(cfg.output).exists()
+    summary = run_fuse(config(tmp_path, rows), fuser_factory=FakeFactory())  # rerun: row 0 is fused again
+    assert summary.rows_resumed == 9
+    assert read_all(cfg.output)[0]["capsfusion"] == fake_caption(old.upper(), rows[0]["laion_coco"], 80)[0]
