@@ -128,7 +128,8 @@ def repeat_to(pairs: list[Pair], rows: int | None) -> list[Pair]:
     return [pairs[i % len(pairs)] for i in range(rows)]
 
 
-def load_pairs(path: str | Path | None = None, *, limit: int | None = None, csv_delimiter: str | None = None) -> list[Pair]:
+def load_pairs(path: str | Path | None = None, *, limit: int | None = None, csv_delimiter: str | None = None,
+               input_format: str | None = None) -> list[Pair]:
     """(raw, synthetic) caption pairs of a caption file (the sample captions when ``path`` is None).
 
     Rows without both caption fields are skipped; ``limit`` stops reading early.
@@ -138,7 +139,7 @@ def load_pairs(path: str | Path | None = None, *, limit: int | None = None, csv_
     path = Path(path) if path is not None else sample_captions_path()
     raw_f, syn_f = defaults.RAW_FIELD, defaults.SYNTHETIC_FIELD
     pairs: list[Pair] = []
-    for _, row in open_reader(path, csv_delimiter=csv_delimiter).rows(columns=[raw_f, syn_f]):
+    for _, row in open_reader(path, input_format, csv_delimiter=csv_delimiter).rows(columns=[raw_f, syn_f]):
         raw, syn = row.get(raw_f), row.get(syn_f)
         if isinstance(raw, str) and isinstance(syn, str):
             pairs.append((raw, syn))

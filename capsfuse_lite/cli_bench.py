@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import user_errors
+from .cli_common import HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_VERBOSE, help_threads, user_errors
 from .errors import ConfigError, OutputExistsError
 
 _AUTO = "auto"
@@ -38,8 +38,9 @@ def _devices(text: str) -> list[str]:
         return ["gpu"] if supports_gpu_offload() else ["cpu"]
     devices = _choices("--device", text, ("cpu", "gpu"))
     if "gpu" in devices and not supports_gpu_offload():
-        raise ConfigError("--device gpu: this llama-cpp-python build has no GPU offload; reinstall it with CUDA "
-                          "(CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall llama-cpp-python)")
+        raise ConfigError("--device gpu: this llama-cpp-python build has no GPU offload; rebuild it with CUDA: "
+                          "`CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir "
+                          "\"llama-cpp-python>=0.3.36,<0.3.37\"`")
     return devices
 
 
@@ -61,43 +62,60 @@ def _baselines(text: str, hf_checkpoint: Path | None) -> list[str]:
     return _choices("--baselines", text, BASELINE_NAMES)
 
 
+def _slots_help() -> str:
+    from .bench import DEFAULT_SLOTS
+
+    return ("Slot counts to measure, comma-separated, or auto: "
+            f"{','.join(map(str, DEFAULT_SLOTS['cpu']))} on a CPU, {','.join(map(str, DEFAULT_SLOTS['gpu']))} on a GPU.")
+
+
 def bench(
-    model: Annotated[Path, typer.Option("--model", "-m", help="GGUF to benchmark (made by `capsfuse-lite convert`).")],
-    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Caption file (JSON/JSONL/CSV/Parquet with laion_2b and laion_coco); default: the bundled sample captions.")] = None,
-    csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma).")] = None,
-    rows: Annotated[int, typer.Option(help="Rows per timed pass; the input is repeated to reach it.")] = 48,
-    slots: Annotated[str, typer.Option(help="Slot counts to measure, comma-separated; auto: 1,4,8,16 on a CPU, 1,8,16,32,64 with a GPU.")] = _AUTO,
-    beams: Annotated[str, typer.Option(help="Beam counts to measure (1 = greedy), comma-separated.")] = "1,3",
-    prefix_cache: Annotated[str, typer.Option("--prefix-cache", help="Shared prompt-prefix cache: on, off or on,off.")] = "on",
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Token budget per row for every system (default: the model's, upstream 80).")] = None,
-    baselines: Annotated[str, typer.Option(help="auto (llama-cpp-python-loop, plus hf-upstream when --hf-checkpoint is given), none, or a comma-separated list.")] = _AUTO,
-    hf_checkpoint: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint folder the GGUF was converted from (for hf-upstream).")] = None,
-    hf_dtype: Annotated[str, typer.Option(help="hf-upstream weights dtype: auto (bfloat16, as upstream), float32, bfloat16, float16.")] = _AUTO,
-    device: Annotated[str, typer.Option("--device", help="auto (gpu when llama.cpp can offload, else cpu), cpu, gpu or cpu,gpu.")] = _AUTO,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for every system alike (default: all cores).")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed passes per configuration (at least 2; medians are reported).")] = 2,
-    warmup_rows: Annotated[Optional[int], typer.Option(help="Rows run before timing (default: one round of slots, at least 2).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Report JSON; a PNG plot is written next to it when matplotlib is installed.")] = Path("capsfuse-bench.json"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report.")] = False,
+    model: Annotated[Path, typer.Option("--model", "-m", metavar="MODEL", help="GGUF to measure (made by `capsfuse-lite convert`).")],
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", metavar="INPUT", help="Caption file, as for fuse (laion_2b and laion_coco columns).  [default: the 47 sample captions shipped with capsfuse-lite]")] = None,
+    input_format: Annotated[Optional[str], typer.Option(metavar="FORMAT", help=HELP_INPUT_FORMAT)] = None,
+    csv_delimiter: Annotated[Optional[str], typer.Option(metavar="CHAR", help=HELP_CSV_DELIMITER)] = None,
+    rows: Annotated[int, typer.Option(metavar="N", help="Rows per timed pass; the input's rows are repeated to reach it.")] = 48,
+    slots: Annotated[str, typer.Option(metavar="LIST", help=_slots_help())] = _AUTO,
+    beams: Annotated[str, typer.Option(metavar="LIST", help="Beam counts to measure, comma-separated (1 = greedy).")] = "1,3",
+    prefix_cache: Annotated[str, typer.Option("--prefix-cache", metavar="on|off|on,off", help="Measure with the shared prompt-prefix cache on, off, or both.")] = "on",
+    max_new_tokens: Annotated[Optional[int], typer.Option(metavar="N", help="Tokens generated per row, for every system alike.  [default: the model's capsfuse.max_new_tokens: 80, upstream's]")] = None,
+    baselines: Annotated[str, typer.Option(metavar="LIST", help="Systems to compare against: auto (llama-cpp-python-loop, plus hf-upstream when --hf-checkpoint is given), none, or a comma-separated list of those two.")] = _AUTO,
+    hf_checkpoint: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="The Hugging Face checkpoint folder MODEL was converted from, for the hf-upstream baseline (needs torch and transformers).")] = None,
+    hf_dtype: Annotated[str, typer.Option(metavar="DTYPE", help="hf-upstream weights: auto (bfloat16, as upstream), float32, bfloat16 or float16.")] = _AUTO,
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (gpu when this llama.cpp build can offload, else cpu), cpu, gpu or cpu,gpu.")] = _AUTO,
+    threads: Annotated[Optional[int], typer.Option(metavar="N", help=f"CPU threads, for every system alike.  {help_threads()}")] = None,
+    repeats: Annotated[int, typer.Option(metavar="N", help="Timed passes per configuration (at least 2); medians are reported.")] = 2,
+    warmup_rows: Annotated[Optional[int], typer.Option(metavar="N", help="Rows run before timing each configuration.  [default: one row per slot, at least 2; a batch of 4 for hf-upstream]")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTPUT", help="Report JSON to write (with a PNG plot beside it when matplotlib is installed); a missing folder is created.")] = Path("capsfuse-bench.json"),
+    force: Annotated[bool, typer.Option("--force", help=HELP_FORCE)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One log line per configuration instead of a status line (the default when stderr is not a terminal).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help=HELP_VERBOSE)] = False,
 ) -> None:
-    """Rows/s, tokens/s, first-result latency and peak memory per slot count, against the baselines."""
-    from .cli import native_first
+    """Measure rows/s and memory per slot count against the baselines.
+
+    Runs the same rows through the engine at each slot count, greedy and with beams, and through
+    the baselines, in one process; prints a table, writes the report and recommends --slots.
+    """
+    from .cli_common import native_first, plain, stderr_console, verbose_llama
 
     native_first()
+    verbose_llama(verbose)
     with user_errors():
         from rich.console import Console
 
         from .bench import (BenchOptions, load_pairs, plot_report_subprocess, remember_recommendations, repeat_to,
                             run_bench, write_report)
+        from .outputs import check_output_folder, make_output_folder
 
         if output.exists() and not force:
-            raise OutputExistsError(f"{output} exists; pass --force to overwrite it or -o another path")
+            raise OutputExistsError(f"{output} exists; pass --force to overwrite it (or choose another -o)")
+        check_output_folder(output)
         if threads is not None and threads < 1:
             raise ConfigError(f"--threads {threads}: give at least 1")
         devices = _devices(device)
         opts = BenchOptions(
             model=model,
-            pairs=repeat_to(load_pairs(input, limit=rows, csv_delimiter=csv_delimiter), rows),
+            pairs=repeat_to(load_pairs(input, limit=rows, csv_delimiter=csv_delimiter, input_format=input_format), rows),
             slots=_slots(slots, devices),
             beams=_int_list("--beams", beams),
             prefix_cache=[v == "on" for v in _choices("--prefix-cache", prefix_cache, ("on", "off"))],
@@ -112,18 +130,22 @@ def bench(
         )
         if threads is not None:
             opts.n_threads = threads
-        console = Console(stderr=True)
-        with console.status("benchmarking") as status:
-            report = run_bench(opts, progress=lambda text: status.update(f"benchmarking {text}"))
+        make_output_folder(output)
+        console = stderr_console()
+        if quiet or not console.is_terminal:
+            report = run_bench(opts, progress=lambda text: console.print(plain(f"benchmarking {text}")))
+        else:
+            with console.status(plain("benchmarking")) as status:
+                report = run_bench(opts, progress=lambda text: status.update(plain(f"benchmarking {text}")))
         write_report(report, output)
-        Console().print(report_table(report))
+        Console(highlight=False).print(report_table(report))
         for rec in report["recommended_slots"]:
-            console.print(f"recommended --slots for {rec['device']}, beams={rec['beams']}: [bold]{rec['slots']}[/] ({rec['reason']})")
+            console.print(plain(f"recommended --slots for {rec['device']}, beams={rec['beams']}: {rec['slots']} ({rec['reason']})"))
         stored = remember_recommendations(report)
         if stored:
-            console.print(f"remembered as this device's knee for --slots auto: {stored[0]}", highlight=False)
+            console.print(plain(f"remembered as this device's knee for --slots auto: {stored[0]}"))
         png = plot_report_subprocess(output, output.with_suffix(".png"))
-        console.print(f"report: {output}" + (f", plot: {png}" if png else " (pip install 'capsfuse-lite[plot]' for a plot)"))
+        console.print(plain(f"report: {output}" + (f", plot: {png}" if png else " (pip install 'capsfuse-lite[plot]' for a plot)")))
 
 
 def _fmt(value, spec: str) -> str:
@@ -135,14 +157,15 @@ def report_table(report: dict):
     from rich.table import Table
 
     from .baselines import BASELINE_NAMES
+    from .cli_common import plain
 
     results = report["results"]
     ratio_cols = [b for b in BASELINE_NAMES if any(b in r.get("ratios", {}) for r in results)]
     gpu = any(r.get("peak_gpu_mib") is not None for r in results)
     s = report["settings"]
-    table = Table(title=f"{Path(report['model']['path']).name} ({report['model'].get('quant') or '?'}): "
-                        f"{s['rows']} rows, max {s['max_new_tokens']} new tokens, {s['n_threads']} threads, "
-                        f"median of {s['repeats']}")
+    table = Table(title=plain(f"{Path(report['model']['path']).name} ({report['model'].get('quant') or '?'}): "
+                              f"{s['rows']} rows, max {s['max_new_tokens']} new tokens, {s['n_threads']} threads, "
+                              f"median of {s['repeats']}"))
     steps = any(r.get("host_ms_per_step") is not None for r in results)
     for col in ("configuration", "rows/s", "gen tok/s", "prompt tok/s", "first result s", "peak RSS MiB"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
@@ -155,7 +178,7 @@ def report_table(report: dict):
         table.add_column(f"x {b}", justify="right")
     for r in results:
         if r["status"] != "ok":
-            table.add_row(r["name"], f"[red]failed[/]: {r.get('error', '')}")
+            table.add_row(plain(r["name"]), plain("failed", f": {r.get('error', '')}", style="red"))
             continue
         cells = [r["name"], _fmt(r["rows_per_s"], ".2f"), _fmt(r["generated_tokens_per_s"], ".1f"),
                  _fmt(r["prompt_tokens_per_s"], ".0f"), _fmt(r["time_to_first_result_s"], ".2f"),
@@ -165,7 +188,7 @@ def report_table(report: dict):
         if gpu:
             cells.append(_fmt(r.get("peak_gpu_mib"), ".0f"))
         cells += [_fmt(r["ratios"].get(b), ".2f") for b in ratio_cols]
-        table.add_row(*cells)
+        table.add_row(*map(plain, cells))
     return table
 
 

@@ -9,28 +9,35 @@ from typing import Annotated, Optional
 
 import typer
 
+from .cli_common import HELP_FORCE, HELP_QUIET
 from .defaults import DEFAULT_HUB_REPO
 
-TYPES_HELP = "Output type: f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer)."
+TYPES_HELP = ("f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer); "
+              "q8_0 and f16 stay closest to upstream's bf16.")
 
 
 def convert(
-    source: Annotated[str, typer.Argument(help="Model folder, or a Hugging Face hub id (downloaded to the HF cache).")] = DEFAULT_HUB_REPO,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .gguf file.", dir_okay=False)] = ...,
-    out_type: Annotated[str, typer.Option("--type", "-t", help=TYPES_HELP)] = "q4_k_m",
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit); hub ids only.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help=f"Checkpoint folder (config.json, tokenizer.model, .safetensors or .bin weights) or a Hugging Face hub id, downloaded to the HF cache (HF_HOME).  [default: {DEFAULT_HUB_REPO}]", show_default=False)] = DEFAULT_HUB_REPO,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUTPUT", help="GGUF file to write; a missing folder is created.", dir_okay=False)] = ...,
+    out_type: Annotated[str, typer.Option("--type", "-t", metavar="TYPE", help=TYPES_HELP)] = "q4_k_m",
+    revision: Annotated[Optional[str], typer.Option(metavar="REV", help="Branch, tag or commit of a hub id (not for a folder).  [default: main]")] = None,
+    force: Annotated[bool, typer.Option("--force", help=HELP_FORCE)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=HELP_QUIET)] = False,
 ) -> None:
-    """Convert a LLaMA checkpoint (default BAAI/CapsFus-LLaMA) into a GGUF for `fuse`."""
-    from .cli import user_errors
+    """Convert a LLaMA checkpoint (CapsFus-LLaMA) to a GGUF for fuse.
+
+    Tensors are streamed one by one: memory stays flat whatever the checkpoint's size, and torch is
+    not needed. OUTPUT appears only when complete.
+    """
+    from .cli_common import user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
     with user_errors():
         from .convert import convert_checkpoint
 
-        convert_checkpoint(source, output, out_type=out_type, revision=revision, force=force, progress=progress)
+        convert_checkpoint(source, output, out_type=out_type, revision=revision, force=force,
+                           progress=False if quiet else None)
 
 
 def _size(n: int) -> str:
@@ -40,11 +47,16 @@ def _size(n: int) -> str:
 
 
 def info(
-    model: Annotated[Path, typer.Argument(help="A .gguf file.", exists=True, dir_okay=False)],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="GGUF file.", exists=True, dir_okay=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the details as JSON.")] = False,
 ) -> None:
-    """Show a GGUF's architecture, size, quantization, vocabulary, capsfuse defaults and GPU support."""
-    from .cli import user_errors
+    """Show what a GGUF holds and whether it is complete.
+
+    Architecture, size, quantization, vocabulary, the capsfuse defaults fuse takes from it
+    (beams, max new tokens, prompt template) and whether this llama.cpp build offloads to a GPU.
+    Exit code 2 when the file is truncated or not a GGUF.
+    """
+    from .cli_common import user_errors
 
     with user_errors():
         from .convert.info import describe_gguf
@@ -81,7 +93,7 @@ def info(
 
 def _fail_on_problems(model: Path, details: dict) -> None:
     """A file that cannot be loaded (e.g. truncated) is reported as an error line and exit code 2."""
-    from .cli import error_line
+    from .cli_common import error_line
 
     for problem in details.get("problems") or ():
         error_line(f"{model}: {problem}")

@@ -10,25 +10,44 @@ from typing import Annotated, Optional
 import typer
 
 from . import defaults
-from .records import csv_delimiter_name
+from .cli_common import (HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_OUTPUT_FORMAT, HELP_QUIET, HELP_RAW_FIELD,
+                  HELP_SYNTHETIC_FIELD, HELP_VERBOSE, help_threads)
+from .plan import DEFAULT_KNEE
+from .records import csv_delimiter_name, parse_csv_delimiter
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process killed by SIGTERM
+_NOT_REPEATED = ("input", "output", "model", "force", "resume", "yes")  # placed first, or meaningless on a resume
 
 
-def _resume_command(cfg, resume: bool = True) -> str:
-    """The command line that continues (or repeats) the run ``cfg``."""
-    parts = ["capsfuse-lite", "fuse", str(cfg.input), "-o", str(cfg.output), "--model", str(cfg.model)]
-    options = [("--input-format", cfg.input_format, None), ("--output-format", cfg.output_format, None),
-               ("--csv-delimiter", csv_delimiter_name(cfg.csv_delimiter) if cfg.csv_delimiter else None, None),
-               ("--raw-field", cfg.raw_field, defaults.RAW_FIELD),
-               ("--synthetic-field", cfg.synthetic_field, defaults.SYNTHETIC_FIELD),
-               ("--output-field", cfg.output_field, defaults.OUTPUT_FIELD),
-               ("--slots", cfg.slots, "auto"), ("--beams", cfg.beams, None), ("--max-new-tokens", cfg.max_new_tokens, None),
-               ("--n-gpu-layers", cfg.n_gpu_layers, None), ("--ctx", cfg.n_ctx, None), ("--threads", cfg.n_threads, None),
-               ("--limit", cfg.limit, None), ("--shard", f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else None, None)]
-    for flag, value, default in options:
-        if value is not None and value != default:
-            parts += [flag, str(value)]
+def _given_options(ctx: typer.Context) -> list[str]:
+    """The options the user gave on the command line (not defaults), as command-line words, in the
+    order the command defines them; INPUT, -o, --model, --force, --resume and --yes are left out."""
+    words: list[str] = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if param.name in _NOT_REPEATED or source is None or source.name.startswith("DEFAULT"):
+            continue
+        value = ctx.params.get(param.name)
+        names = [o for o in param.opts if o.startswith("--")] or list(param.opts)
+        if getattr(param, "is_flag", False) and isinstance(value, bool):
+            secondary = [o for o in getattr(param, "secondary_opts", ()) if o.startswith("--")]
+            if value or secondary:
+                words.append(names[0] if value else secondary[0])
+            continue
+        if value is None:
+            continue
+        if param.name == "csv_delimiter":
+            value = csv_delimiter_name(parse_csv_delimiter(value))
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            words += [names[0], str(item)]
+    return words
+
+
+def _resume_command(cfg, options: list[str], resume: bool = True) -> str:
+    """The command line that continues (``resume``) or repeats the run ``cfg``: every option the
+    user gave (``options``, see :func:`_given_options`) and the model file in use."""
+    parts = ["capsfuse-lite", "fuse", str(cfg.input), "-o", str(cfg.output), "--model", str(cfg.model), *options]
     if resume:
         parts.append("--resume")
     return shlex.join(parts)
@@ -65,51 +84,85 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+def _default_model_help() -> str:
+    from .cli_common import help_path
+    from .models import default_model_path
+
+    return (f"GGUF file made by `capsfuse-lite convert`. Default: CapsFus-LLaMA q4_k_m at "
+            f"{help_path(default_model_path())}, converted from the Hugging Face hub on first use, after asking "
+            "(--yes skips the question).")
+
+
+def _slots_help() -> str:
+    return ("Rows decoded at once (continuous batching): a number, or auto. auto: on a GPU, the most rows whose "
+            f"KV cache fits its free memory, up to {DEFAULT_KNEE[('gpu', 1)]} greedy or "
+            f"{DEFAULT_KNEE[('gpu', 'beams')]} with beams; on a CPU, {DEFAULT_KNEE[('cpu', 1)]} greedy or "
+            f"{DEFAULT_KNEE[('cpu', 'beams')]} with beams; once `capsfuse-lite bench` has run on this device, "
+            "the slot count it recommended replaces those limits.")
+
+
+INPUT_HELP = ("Caption file: .json (an array of objects, upstream's format), .jsonl, .csv or .parquet; "
+              ".json, .jsonl and .csv may be gzip or zstd compressed (rows.jsonl.gz, rows.csv.zst).")
+
+
 def fuse(
-    input: Annotated[Path, typer.Argument(help="Caption file: .json (array of objects, upstream's format), .jsonl, .csv or .parquet; the first three may be .gz or .zst compressed (rows.jsonl.gz).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (format from the extension); OUTPUT.meta.json is written beside it.")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model. Default: CapsFus-LLaMA q4_k_m in ~/.cache/capsfuse-lite/, converted on first use.")] = None,
-    input_format: Annotated[Optional[str], typer.Option(help="Input format (json, jsonl, csv, parquet) instead of the extension.")] = None,
-    output_format: Annotated[Optional[str], typer.Option(help="Output format instead of the extension.")] = None,
-    csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma). A CSV output uses it too (default: the CSV input's).")] = None,
-    raw_field: Annotated[str, typer.Option(help="Column with the raw alt-text (Sentence 1).")] = defaults.RAW_FIELD,
-    synthetic_field: Annotated[str, typer.Option(help="Column with the synthetic caption (Sentence 2).")] = defaults.SYNTHETIC_FIELD,
-    output_field: Annotated[str, typer.Option(help="Column for the fused caption (not finish_reason, status or error: those are written too).")] = defaults.OUTPUT_FIELD,
-    slots: Annotated[str, typer.Option(help="Rows decoded at once (continuous batching): a number, or auto = the most that fit the GPU's free memory up to the throughput knee (CPU: 16 greedy, 8 with beams; `capsfuse-lite bench` measures and remembers your device's knee).")] = "auto",
-    beams: Annotated[Optional[int], typer.Option(help="Beam width (1 = greedy). Default: the GGUF's capsfuse.num_beams (3).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Token limit per caption. Default: the GGUF's capsfuse.max_new_tokens (80).")] = None,
-    n_gpu_layers: Annotated[Optional[int], typer.Option(help="Layers offloaded to the GPU. Default: all when a GPU is available.")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="KV cache size in tokens. Default: enough for all slots.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads. Default: llama.cpp's.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N input rows.")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="I/N: only rows i with i mod N == I (merge the parts with `capsfuse-lite merge`).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the journal beside OUTPUT (rerunning the same command does too).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT and discard any journal (start over).")] = False,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Convert the default model without asking.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines instead of a progress bar.")] = False,
+    ctx: typer.Context,
+    input: Annotated[Path, typer.Argument(metavar="INPUT", help=INPUT_HELP, show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUTPUT", help="File to write; its extension sets the format, as for INPUT (compression included). OUTPUT.meta.json is written beside it and a missing folder is created. An OUTPUT already complete for this command is left as is (exit code 0).")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", metavar="MODEL", help=_default_model_help(), show_default=False)] = None,
+    input_format: Annotated[Optional[str], typer.Option(metavar="FORMAT", help=HELP_INPUT_FORMAT)] = None,
+    output_format: Annotated[Optional[str], typer.Option(metavar="FORMAT", help=HELP_OUTPUT_FORMAT)] = None,
+    csv_delimiter: Annotated[Optional[str], typer.Option(metavar="CHAR", help="CSV field separator: one character, or tab, comma, semicolon, pipe; a CSV OUTPUT uses it too.  [default: comma]")] = None,
+    raw_field: Annotated[str, typer.Option(metavar="NAME", help=HELP_RAW_FIELD)] = defaults.RAW_FIELD,
+    synthetic_field: Annotated[str, typer.Option(metavar="NAME", help=HELP_SYNTHETIC_FIELD)] = defaults.SYNTHETIC_FIELD,
+    output_field: Annotated[str, typer.Option(metavar="NAME", help="Column for the fused caption. Columns finish_reason, status and error are added too, so those names are taken.")] = defaults.OUTPUT_FIELD,
+    slots: Annotated[str, typer.Option(metavar="N", help=_slots_help())] = "auto",
+    beams: Annotated[Optional[int], typer.Option(metavar="N", help="Beams per row; 1 = greedy.  [default: the model's capsfuse.num_beams: 3, upstream's]")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(metavar="N", help="Most tokens generated per caption.  [default: the model's capsfuse.max_new_tokens: 80, upstream's]")] = None,
+    n_gpu_layers: Annotated[Optional[int], typer.Option(metavar="N", help="Layers offloaded to the GPU (0: CPU only).  [default: all when llama.cpp is built with GPU support, else 0]")] = None,
+    ctx_size: Annotated[Optional[int], typer.Option("--ctx", metavar="N", help="KV cache size in tokens.  [default: enough for every slot's longest prompt and all its beams]")] = None,
+    threads: Annotated[Optional[int], typer.Option(metavar="N", help=f"CPU threads for llama.cpp.  {help_threads()}")] = None,
+    limit: Annotated[Optional[int], typer.Option(metavar="N", help="Only the first N input rows.")] = None,
+    shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="Only input rows i with i mod N = I (0 <= I < N): one shard per GPU or machine; `capsfuse-lite merge` joins the parts in input order.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT's journal (a plain rerun does too; this one also finishes an interrupted --force run over an existing OUTPUT).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over: overwrite OUTPUT and discard its journal.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Convert the default model without asking (no --model given, not converted yet).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=HELP_QUIET)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help=HELP_VERBOSE)] = False,
 ) -> None:
-    """Fuse raw alt-texts and synthetic captions into CapsFusion captions, row by row."""
-    from .cli import native_first, user_errors
+    """Fuse each row's alt-text and synthetic caption into one caption.
+
+    Every input row gets a CapsFusion caption (column --output-field), in input order, every input
+    column kept. Rows are journaled as they finish: after a crash or Ctrl-C, the same command (or --resume)
+    continues where it stopped. Exit codes: 0 done (also when OUTPUT was already complete),
+    2 a problem with the input or options, 130 Ctrl-C, 143 SIGTERM (journal saved), 1 a bug.
+    """
+    from .cli_common import native_first, user_errors, verbose_llama
 
     native_first()
+    verbose_llama(verbose)
     from .models import resolve_model, terminal_confirm
     from .progress import make_progress, print_summary
     from .runner import FuseConfig, FuseRun, parse_shard, parse_slots
 
     with user_errors():
         cfg = FuseConfig(
-            input=input, output=output, model=None, input_format=input_format, output_format=output_format,
+            input=input, output=output, model=model, input_format=input_format, output_format=output_format,
             csv_delimiter=csv_delimiter,
             raw_field=raw_field, synthetic_field=synthetic_field, output_field=output_field, slots=parse_slots(slots),
-            beams=beams, max_new_tokens=max_new_tokens, n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_threads=threads,
+            beams=beams, max_new_tokens=max_new_tokens, n_gpu_layers=n_gpu_layers, n_ctx=ctx_size, n_threads=threads,
             limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
         progress = make_progress(quiet)
         run = FuseRun(cfg, progress=progress)
         run.prepare()  # a malformed input fails here, before any model work
+        if run.already_done is not None:  # OUTPUT is complete for this command: nothing to do
+            typer.echo(run.already_done, err=True)
+            return
         cfg.model = resolve_model(model, yes=yes, confirm=terminal_confirm())
         run.check_model()  # architecture, truncation, --max-new-tokens vs its context: before hashing it
-        cfg.command = _resume_command(cfg, resume=False)
-        how_to_resume = f"progress is saved in the journal; resume with:\n  {_resume_command(cfg)}"
+        options = _given_options(ctx)
+        cfg.command = _resume_command(cfg, options, resume=False)
+        how_to_resume = f"progress is saved in the journal; resume with:\n  {_resume_command(cfg, options)}"
         with _StopOnSignal(run, progress.note) as stopper:
             try:
                 summary = run.execute()
@@ -120,18 +173,22 @@ def fuse(
         print_summary(summary)
         if not summary.complete:
             typer.echo(f"interrupted; {how_to_resume}", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED if stopper.signum != signal.SIGTERM else 128 + signal.SIGTERM)
+            raise typer.Exit(EXIT_INTERRUPTED if stopper.signum != signal.SIGTERM else EXIT_TERMINATED)
 
 
 def merge(
-    parts: Annotated[list[Path], typer.Argument(help="Outputs of `fuse --shard I/N` for I = 0..N-1, each with the OUTPUT.meta.json fuse wrote beside it (any order: the meta files say which shard each is and how many rows it must hold).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Merged file, rows in input order (format from the extension).")],
-    output_format: Annotated[Optional[str], typer.Option(help="Output format instead of the extension.")] = None,
-    csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma). Give the one `fuse` used for CSV parts.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT.")] = False,
+    parts: Annotated[list[Path], typer.Argument(metavar="PART...", help="Outputs of `capsfuse-lite fuse --shard I/N` for I = 0 .. N-1, in any order, each with the OUTPUT.meta.json fuse wrote beside it (it says which shard the part is and how many rows it must hold).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUTPUT", help="Merged file, rows in input order; its extension sets the format (compression included). A missing folder is created.")],
+    output_format: Annotated[Optional[str], typer.Option(metavar="FORMAT", help=HELP_OUTPUT_FORMAT)] = None,
+    csv_delimiter: Annotated[Optional[str], typer.Option(metavar="CHAR", help="CSV field separator of CSV parts (the one fuse used) and of a CSV OUTPUT: one character, or tab, comma, semicolon, pipe.  [default: comma]")] = None,
+    force: Annotated[bool, typer.Option("--force", help=HELP_FORCE)] = False,
 ) -> None:
-    """Concatenate shard outputs back into input order (refused unless they are provably all shards of one run, each complete and unchanged)."""
-    from .cli import user_errors
+    """Join shard outputs back into input order.
+
+    Refused, with nothing written, unless the parts are provably all shards of one run, each
+    complete and unchanged since fuse wrote it.
+    """
+    from .cli_common import user_errors
     from .shards import merge_shards
 
     with user_errors():

@@ -9,26 +9,46 @@ from typing import Annotated, Optional
 import typer
 
 from . import defaults
+from .cli_common import (HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_RAW_FIELD, HELP_SYNTHETIC_FIELD,
+                         HELP_VERBOSE)
+
+
+def _model_help() -> str:
+    from .cli_common import help_path
+    from .models import default_model_path
+
+    return ("GGUF whose tokenizer and prompt template are used.  "
+            f"[default: fuse's default model, {help_path(default_model_path())}]")
 
 
 def prompts(
-    input: Annotated[Path, typer.Argument(help="Caption file: .json, .jsonl, .csv or .parquet with the two caption columns.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="JSONL file: one line per input row with prompt, token_ids, n_tokens, truncated (or skipped).")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF whose tokenizer and prompt template to use (only the vocabulary is loaded). Default: the converted default model.")] = None,
-    input_format: Annotated[Optional[str], typer.Option(help="Input format (json, jsonl, csv, parquet) instead of the extension.")] = None,
-    csv_delimiter: Annotated[Optional[str], typer.Option(help="CSV field separator: one character, or tab, comma, semicolon, pipe (default: comma).")] = None,
-    raw_field: Annotated[str, typer.Option(help="Column with the raw alt-text (Sentence 1).")] = defaults.RAW_FIELD,
-    synthetic_field: Annotated[str, typer.Option(help="Column with the synthetic caption (Sentence 2).")] = defaults.SYNTHETIC_FIELD,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N input rows.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT.")] = False,
+    input: Annotated[Path, typer.Argument(metavar="INPUT", help="Caption file, as for fuse: .json, .jsonl, .csv or .parquet (the first three may be gzip or zstd compressed).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUTPUT", help="JSONL file to write: one line per input row with its prompt, token_ids, n_tokens and truncated, or why the row is skipped. A missing folder is created.")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", metavar="MODEL", help=_model_help(), show_default=False)] = None,
+    input_format: Annotated[Optional[str], typer.Option(metavar="FORMAT", help=HELP_INPUT_FORMAT)] = None,
+    csv_delimiter: Annotated[Optional[str], typer.Option(metavar="CHAR", help=HELP_CSV_DELIMITER)] = None,
+    raw_field: Annotated[str, typer.Option(metavar="NAME", help=HELP_RAW_FIELD)] = defaults.RAW_FIELD,
+    synthetic_field: Annotated[str, typer.Option(metavar="NAME", help=HELP_SYNTHETIC_FIELD)] = defaults.SYNTHETIC_FIELD,
+    limit: Annotated[Optional[int], typer.Option(metavar="N", help="Only the first N input rows.")] = None,
+    force: Annotated[bool, typer.Option("--force", help=HELP_FORCE)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help=HELP_VERBOSE)] = False,
 ) -> None:
-    """Show what the model will read: the prompt of every row under the 256-token rule, before any GPU time is spent."""
-    from .cli import user_errors
+    """Write every row's exact model input (prompt, token ids).
+
+    The prompt text and token ids fuse will use, under upstream's 256-token rule (which rows are
+    truncated, which are skipped and why), before any GPU time is spent. Only the model's
+    vocabulary is loaded.
+    """
+    from .cli_common import native_first, user_errors, verbose_llama
+
+    native_first()
+    verbose_llama(verbose)
     from .engine import PromptPreview
     from .errors import ConfigError, OutputExistsError, write_error
     from .journal import json_line, replace_atomically
     from .llama import LlamaError
     from .models import resolve_model
+    from .outputs import make_output_folder
     from .prompts import PreviewSummary, preview_records
     from .records import open_reader
     from .runner import caption_pair, check_writable_folder
@@ -38,13 +58,13 @@ def prompts(
             raise ConfigError(f"--limit {limit}: give a number of rows >= 0")
         if output.exists() and not force:
             raise OutputExistsError(f"{output} exists; pass --force to overwrite it (or choose another -o)")
-        if not output.parent.is_dir():
-            raise ConfigError(f"cannot write {output}: folder {output.parent} does not exist")
         check_writable_folder(output)
         reader = open_reader(input, input_format, csv_delimiter=csv_delimiter)
         reader.scan(required=(raw_field, synthetic_field))  # a malformed file fails before any output
         summary = PreviewSummary()
-        with PromptPreview(resolve_model(model)) as preview:
+        model_path = resolve_model(model, offer_conversion=False)
+        make_output_folder(output)
+        with PromptPreview(model_path) as preview:
             built = {}  # the prompt of the row whose captions were just checked
 
             def captions(row: dict) -> tuple[str, str, str | None]:

@@ -119,7 +119,8 @@ class Fuser:
     build supports a GPU, else runs on the CPU (with one notice line). ``n_ctx=None`` sizes the KV
     cache for the worst case of every slot at once; a smaller ``n_ctx`` admits rows only while
     their worst case fits. ``length_offset``: see :mod:`capsfuse_lite.beams` (256 = upstream's
-    transformers 4.28 arithmetic, 0 = current transformers).
+    transformers 4.28 arithmetic, 0 = current transformers). ``verbose``: show llama.cpp's own log
+    (``None`` keeps the process-wide :func:`~capsfuse_lite.llama.set_verbose` setting, off by default).
     """
 
     def __init__(
@@ -138,7 +139,7 @@ class Fuser:
         kv_unified: bool | None = None,
         length_offset: int | None = None,
         prefix_cache: bool = True,
-        verbose: bool = False,
+        verbose: bool | None = None,
     ):
         if slots != "auto":
             _positive("slots", slots, optional=False)
@@ -154,7 +155,8 @@ class Fuser:
         self._scheduler: Scheduler | None = None
         self._stop = False
         self._running = False
-        set_verbose(verbose)
+        if verbose is not None:  # None keeps the process-wide setting (llama.set_verbose; off by default)
+            set_verbose(verbose)
         gpu = supports_gpu_offload()
         if n_gpu_layers is None:
             n_gpu_layers = -1 if gpu else 0

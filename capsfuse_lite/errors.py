@@ -31,7 +31,14 @@ class DiskSpaceError(CapsfuseError):
 
 
 class HubError(CapsfuseError):
-    """The Hugging Face hub could not be reached, or the repo/revision does not exist."""
+    """The Hugging Face hub could not be reached, or the repo/revision does not exist.
+
+    ``reason`` is the message without its advice on what to pass to ``convert`` (SOURCE), for a
+    caller with other options (``fuse`` without ``--model``) to add its own."""
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class CheckpointError(CapsfuseError):

@@ -50,12 +50,14 @@ def resolve_model(
     yes: bool = False,
     confirm: Callable[[str], bool] | None = None,
     convert: Callable[..., Path] | None = None,
+    offer_conversion: bool = True,
 ) -> Path:
     """The GGUF to load.
 
     ``model`` given: it must be an existing GGUF file. ``None``: the default q4_k_m in the cache,
     converted first if missing, after ``confirm(question)`` returns True (or ``yes``). ``convert``
-    replaces :func:`convert_checkpoint` (tests).
+    replaces :func:`convert_checkpoint` (tests). ``offer_conversion=False`` (a command without
+    ``--yes``): a missing default model is an error saying how to convert it.
     """
     if model is not None:
         path = Path(model).expanduser()
@@ -72,6 +74,9 @@ def resolve_model(
     target = default_model_path()
     if target.is_file():
         return target
+    if not offer_conversion:
+        raise ConfigError(f"no --model given and the default model {target} is not converted yet: "
+                          f"`capsfuse-lite fuse` converts it on first use, or {_convert_hint(target)}")
     question = (f"No --model given and the default model is not converted yet. Download "
                 f"{defaults.DEFAULT_HUB_REPO} (about 52 GB) and convert it to {DEFAULT_QUANT} "
                 f"(about 8 GB) at {target}?")
@@ -87,7 +92,7 @@ def resolve_model(
     try:
         return Path(convert(defaults.DEFAULT_HUB_REPO, target, out_type=DEFAULT_QUANT))
     except HubError as exc:
-        raise HubError(f"{exc} — offline? {_convert_hint(target)}") from None
+        raise HubError(f"{exc.reason}; offline? {_convert_hint(target)}", reason=exc.reason) from None
 
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -190,4 +195,10 @@ def terminal_confirm() -> Callable[[str], bool] | None:
         return None
     import typer
 
-    return lambda question: typer.confirm(question, default=False, err=True)
+    def confirm(question: str) -> bool:
+        try:
+            return typer.confirm(question, default=False, err=True)
+        except (EOFError, typer.Abort):  # Ctrl-D at the question: a "no", not an internal error
+            return False
+
+    return confirm

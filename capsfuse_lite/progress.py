@@ -3,8 +3,10 @@
 The runner calls a :class:`Progress` object: ``start(total, done)`` once, ``advance(rows,
 tokens)`` as rows finish, ``note(text)`` for one-off messages, ``close()`` at the end.
 :class:`RichProgress` draws a bar on a terminal (rows done/total, rows/s, generated tokens/s,
-ETA); :class:`LogProgress` writes a plain line every ``interval`` seconds (no terminal, or
-``--quiet``). :func:`print_summary` renders a finished (or interrupted) run as a table.
+ETA, elapsed time); :class:`LogProgress` writes a plain line every ``interval`` seconds (no
+terminal, or ``--quiet``). :func:`print_summary` renders a finished (or interrupted) run as a
+table. Notes and the summary carry paths and user data, so they are printed as plain text (never
+as rich markup).
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class LogProgress(Progress):
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (f"{self.description}: {self.done}/{self.total} rows ({pct:.1f}%), "
-                f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} tok/s, ETA {format_duration(self.eta_s)}")
+                f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} tok/s, ETA {format_duration(self.eta_s)}, "
+                f"elapsed {format_duration(self.elapsed)}")
 
     def note(self, text):
         self._print(text)
@@ -118,7 +121,7 @@ class RichProgress(Progress):
         super().__init__()
         from rich.console import Console
 
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, highlight=False)
         self._bar = None
         self._task = None
 
@@ -127,12 +130,13 @@ class RichProgress(Progress):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
         self._bar = Bar(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("rows"),
             TextColumn("{task.fields[rates]}"),
             TextColumn("ETA {task.fields[eta]}"),
+            TextColumn("elapsed"),
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
@@ -147,7 +151,7 @@ class RichProgress(Progress):
                              eta=format_duration(self.eta_s))
 
     def note(self, text):
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, markup=False)
 
     def close(self):
         if self._bar is not None:
@@ -165,15 +169,27 @@ def make_progress(quiet: bool = False, stream: IO[str] | None = None, interval: 
 
 
 def summary_rows(summary: Any) -> list[tuple[str, str]]:
-    """(label, value) pairs describing a run summary (see ``runner.RunSummary``)."""
+    """(label, value) pairs describing a run summary (see ``runner.RunSummary``); every count says
+    what it counts: the whole output when the run completed, this process's rows when interrupted."""
     s = summary
+    now = s.rows_this_run
+    if s.complete:
+        output = str(s.output)
+        rows = f"{s.rows_total}: {now} done in this run, {s.rows_resumed} from the journal"
+        scope = ""
+    else:
+        done = s.rows_resumed + now
+        output = f"{s.output} (not written yet: the run was interrupted)"
+        rows = (f"{done} of {s.rows_total} done ({now} in this run, {s.rows_resumed} from the journal); "
+                f"{s.rows_total - done} left")
+        scope = " of the rows done in this run"
     rows = [
-        ("output", str(s.output) if s.complete else f"{s.output} (not written: run interrupted)"),
-        ("rows", f"{s.rows_total} in this run ({s.rows_resumed} from the journal)"),
-        ("fused", f"{s.rows_fused} by the model, {s.rows_reused} reused (identical caption pairs)"),
-        ("skipped", f"{s.rows_skipped} (missing, null, non-string or empty caption)"),
-        ("truncated prompts", str(s.truncated_prompts)),
-        ("cut at token limit", str(s.length_cut)),
+        ("output", output),
+        ("rows", rows),
+        ("fused in this run", f"{s.rows_fused} by the model, {s.rows_reused} copied from an identical caption pair"),
+        ("skipped", f"{s.rows_skipped}{scope}: caption missing, null, not text, empty or refused by the tokenizer"),
+        ("truncated prompts", f"{s.truncated_prompts}{scope}"),
+        ("cut at token limit", f"{s.length_cut}{scope}"),
         ("wall time", format_duration(s.wall_s)),
         ("throughput", f"{s.rows_per_s:.2f} rows/s, {s.generated_tokens_per_s:.1f} generated tok/s"),
     ]
@@ -188,15 +204,16 @@ def summary_rows(summary: Any) -> list[tuple[str, str]]:
 
 
 def print_summary(summary: Any, console: Any = None) -> None:
-    """Print the summary table (to stderr unless a console is given)."""
+    """Print the summary table (to stderr unless a console is given), every cell as plain text."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, highlight=False)
     title = "capsfuse-lite fuse" + ("" if summary.complete else " (interrupted)")
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=Text(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for label, value in summary_rows(summary):
-        table.add_row(label, value)
+        table.add_row(Text(label), Text(value))
     console.print(table)

@@ -186,16 +186,11 @@ def _remove_quietly(path: Path) -> None:
 
 
 def check_writable_folder(output: Path) -> None:
-    """Fail now, with one line, if files cannot be created beside ``output`` (read-only folder, no
-    permission), instead of after the model work."""
-    import tempfile
+    """Fail now, with one line, if ``output`` cannot be created (read-only folder, no permission),
+    instead of after the model work; a missing folder is fine (see :mod:`capsfuse_lite.outputs`)."""
+    from .outputs import check_output_folder
 
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=output.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise write_error(exc, output) from None
+    check_output_folder(output)
 
 
 @dataclass
@@ -265,6 +260,14 @@ class RunSummary:
     fuse_s: float = 0.0
     model: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    already_done: str | None = None  # OUTPUT was already complete for this config: the line saying so
+
+    @property
+    def rows_this_run(self) -> int:
+        """Rows finished by this process (fused, reused or skipped), resumed rows not counted."""
+        if self.complete:
+            return self.rows_total - self.rows_resumed
+        return self.rows_fused + self.rows_reused + self.rows_skipped
 
     @property
     def rows_per_s(self) -> float:
@@ -299,19 +302,30 @@ class FuseRun:
         self.model_meta: dict = {}
         self._checked_model: Path | None = None
         self.input_bytes = 0
+        self.already_done: str | None = None  # see prepare()
+        self._replaces_output = False  # --resume of an interrupted --force run over an existing OUTPUT
 
     # -- phase 1: everything that can fail before model work --------------------------------
 
-    def prepare(self) -> Layout:
+    def prepare(self) -> Layout | None:
+        """Check input, output and options; returns the input's layout, or None when OUTPUT is already
+        complete for this config (``already_done`` then holds the line saying so; see
+        :func:`capsfuse_lite.outputs.finished_output`; ``config.model`` is the model asked for, None
+        for the default). A missing output folder is created last, once the input has passed."""
+        from .outputs import finished_output, make_output_folder
+
         cfg = self.config
         self.output_format = detect_format(cfg.output, cfg.output_format, role="output")
         self._reader = open_reader(cfg.input, cfg.input_format, csv_delimiter=cfg.csv_delimiter)
         if cfg.output.resolve() == cfg.input.resolve():
             raise ConfigError(f"{cfg.output}: the output must not be the input file")
         if cfg.output.exists() and not cfg.force:
-            raise OutputExistsError(f"{cfg.output} exists; pass --force to overwrite it (or choose another -o)")
-        if not cfg.output.parent.is_dir():
-            raise ConfigError(f"cannot write {cfg.output}: folder {cfg.output.parent} does not exist")
+            if cfg.resume and journal_path(cfg.output).exists():
+                self._replaces_output = True  # finishing the interrupted --force run replaces OUTPUT
+            else:
+                self.already_done = finished_output(cfg, output_format=self.output_format,
+                                                    input_format=self._reader.format)
+                return None
         check_writable_folder(cfg.output)
         if self.output_format == "parquet":
             from .records import import_pyarrow
@@ -321,6 +335,7 @@ class FuseRun:
             import_zstandard()
         self.layout = self._reader.scan(required=(cfg.raw_field, cfg.synthetic_field))
         self.input_bytes = cfg.input.stat().st_size
+        make_output_folder(cfg.output)
         return self.layout
 
     def check_model(self) -> dict:
@@ -384,8 +399,13 @@ class FuseRun:
 
     def execute(self) -> RunSummary:
         cfg = self.config
-        if self.layout is None:
+        if self.layout is None and self.already_done is None:
             self.prepare()
+        if self.already_done is not None:  # nothing to do: the model is not even looked at
+            meta = json.loads(meta_path(cfg.output).read_text(encoding="utf-8"))
+            rows = int((meta.get("output") or {}).get("rows") or 0)
+            return RunSummary(output=cfg.output, complete=True, rows_total=rows, rows_resumed=rows,
+                              already_done=self.already_done)
         t0 = time.monotonic()
         self.check_model()
         model_path = Path(cfg.model)
@@ -400,7 +420,8 @@ class FuseRun:
         summary = RunSummary(output=cfg.output, complete=False)
         selected = self.selected
         with Journal.open(jpath, fingerprint, self.layout.rows, discard=cfg.force) as journal:
-            if cfg.output.exists() and not cfg.force:  # another run finished it since prepare()
+            if cfg.output.exists() and not cfg.force and not (self._replaces_output and journal.rows_done):
+                # another run finished it since prepare()
                 raise OutputExistsError(f"{cfg.output} exists; pass --force to overwrite it (or choose another -o)")
             if journal.restarted:
                 self.progress.note(f"journal {jpath} held no rows; starting it over with the new settings "
@@ -585,6 +606,8 @@ class FuseRun:
             raise write_error(exc, cfg.output, RESUME_HINT) from None
 
     def _write_meta(self, summary: RunSummary, fingerprint: dict) -> None:
+        from .models import file_sha256
+
         cfg = self.config
         try:
             output_bytes = partial_path(cfg.output).stat().st_size
@@ -595,7 +618,8 @@ class FuseRun:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": cfg.command,
             "input": {"path": str(cfg.input.resolve()), "format": self.layout.format, "rows": self.layout.rows,
-                      "bytes": self.input_bytes},
+                      "bytes": self.input_bytes, "sha256": file_sha256(cfg.input)},
+            "csv_delimiter": cfg.csv_delimiter or ",",
             "output": {"path": str(cfg.output.resolve()), "format": self.output_format, "rows": summary.rows_total,
                        "bytes": output_bytes},
             "fields": {"raw": cfg.raw_field, "synthetic": cfg.synthetic_field, "output": cfg.output_field},

@@ -21,10 +21,11 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError, InputFileError, OutputExistsError, write_error
 from .journal import replace_atomically
+from .outputs import check_output_folder, make_output_folder
 from .records import Layout, detect_compression, detect_format, merge_kinds, open_reader, open_writer
 from .runner import meta_path, parse_shard, partial_path, write_json_atomic
 
-_SAME = (("input", "rows"), ("input", "bytes"), ("model", "sha256"), ("settings", "beams"),
+_SAME = (("input", "rows"), ("input", "bytes"), ("input", "sha256"), ("model", "sha256"), ("settings", "beams"),
          ("settings", "max_new_tokens"), ("fields", "raw"), ("fields", "synthetic"), ("fields", "output"),
          ("selection", "limit"))
 
@@ -120,12 +121,14 @@ def merge_shards(parts: list[str | Path], output: str | Path, *, output_format: 
         raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
     if any(output.resolve() == p.resolve() for p in parts):
         raise ConfigError(f"{output}: the merged output must not be one of the parts")
+    check_output_folder(output)
     parts, metas = order_parts(parts)
     readers = [open_reader(p, csv_delimiter=csv_delimiter) for p in parts]
     layouts = [r.scan() for r in readers]
     for part, meta, layout in zip(parts, metas, layouts):
         _check_unchanged(part, meta, layout.rows)
     total = sum(layout.rows for layout in layouts)
+    make_output_folder(output)  # a missing folder is made once the parts have passed
     tmp = partial_path(output)
     try:
         with open_writer(tmp, fmt, _merged_layout(parts, layouts), compression=detect_compression(output),

@@ -53,13 +53,14 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     except RevisionNotFoundError:
         raise HubError(f"{where}: revision {revision!r} does not exist in {repo_id}") from None
     except LocalEntryNotFoundError:
-        raise HubError(
-            f"{where}: the Hugging Face hub cannot be reached (or HF_HUB_OFFLINE is set) and the model is not in the "
-            "local cache; connect to the network, or pass a local folder as SOURCE"
-        ) from None
+        reason = (f"{where}: the Hugging Face hub cannot be reached (or HF_HUB_OFFLINE is set) and the model is not "
+                  "in the local cache")
+        raise HubError(f"{reason}; connect to the network, or pass a local model folder as SOURCE",
+                       reason=reason) from None
     except (OSError, ValueError) as exc:  # connection errors, HTTP errors, invalid ids
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HubError(f"{where}: download from the Hugging Face hub failed ({first}); check the network or pass a local folder") from None
+        reason = f"{where}: download from the Hugging Face hub failed ({first})"
+        raise HubError(f"{reason}; check the network, or pass a local model folder as SOURCE", reason=reason) from None
 
 
 def resolve_source(source: str | Path, revision: str | None = None) -> ResolvedSource:

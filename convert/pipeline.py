@@ -11,6 +11,7 @@ import numpy as np
 from capsfuse_lite import __version__
 from capsfuse_lite import defaults as D
 from capsfuse_lite.journal import replace_atomically
+from capsfuse_lite.outputs import check_output_folder, make_output_folder
 
 from .hub import resolve_source
 from .llama import (ARCH_NAME, DIRECT_TYPES, LLAMA_QUANT_TYPES, QUANT_BITS_PER_WEIGHT, add_model_metadata,
@@ -69,7 +70,7 @@ def convert_checkpoint(source: str | Path = D.DEFAULT_HUB_REPO, out_path: str | 
     out_type = check_out_type(out_type)
     out = Path(out_path).expanduser().resolve()
     check_output_path(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)  # a missing folder is made once the checkpoint has been read
     reporter = ConvertProgress(progress)
 
     resolved = resolve_source(source, revision)
@@ -79,6 +80,7 @@ def convert_checkpoint(source: str | Path = D.DEFAULT_HUB_REPO, out_path: str | 
     plans = plan_tensors(checkpoint, write_type)
     embedding = next(p for p in plans if p.name == "token_embd.weight")
     vocab = build_vocab(checkpoint.folder, checkpoint.config, embedding.rows)
+    make_output_folder(out)
 
     # Disk: the direct output (or the intermediate) plus, for llama.cpp quant types, the final file.
     written_bytes = sum(p.nbytes for p in plans) + _HEADER_ALLOWANCE

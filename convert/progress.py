@@ -32,7 +32,7 @@ class ConvertProgress:
 
     def message(self, text: str) -> None:
         if self._bar is not None:
-            self._bar.console.print(text, highlight=False)
+            self._bar.console.print(text, highlight=False, markup=False)
         elif self.enabled:
             print(text, file=sys.stderr, flush=True)
         else:
@@ -50,7 +50,7 @@ class ConvertProgress:
                                    TransferSpeedColumn)
 
         self._bar = Progress(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),

@@ -263,6 +263,32 @@ def test_ctrl_c_saves_the_journal_and_prints_the_resume_command(tmp_path, tiny_g
     assert all(rows[i]["capsfusion"] == text for i, text in journaled.items())
 
 
+def test_sigterm_exits_143_and_the_printed_command_keeps_every_option_given(tmp_path, tiny_gguf_f32, long_run):
+    """A cluster's SIGTERM: the journal is saved, exit code 143, the summary counts the rows done, and
+    the resume command repeats every option given (-q included); it finishes the run, and running it
+    once more exits 0 at once ("already complete")."""
+    src, whole = long_run
+    out = tmp_path / "out.jsonl"
+    given = ["-q", "--raw-field", "laion_2b", "--slots", "2", "--beams", "1", *FAST]
+    proc = start(["fuse", src, "-o", out, "--model", tiny_gguf_f32, *given], tmp_path, tmp_path / "cache")
+    wait_for_rows(journal_path(out), 20, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert f"of {len(whole)} done (" in " ".join(stderr.split())  # rows done, not rows selected
+    command = next(line.strip() for line in stderr.splitlines() if line.strip().endswith("--resume"))
+    assert shlex.split(command) == ["capsfuse-lite", "fuse", str(src), "-o", str(out), "--model", str(tiny_gguf_f32),
+                                    "--raw-field", "laion_2b", "--slots", "2", "--beams", "1", "--max-new-tokens",
+                                    TOKENS, "--threads", "1", "--quiet", "--resume"]
+    resumed = start(shlex.split(command)[1:], tmp_path, tmp_path / "cache")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert len(read_all(out)) == len(whole) and not journal_path(out).exists()
+    again = start(shlex.split(command)[1:], tmp_path, tmp_path / "cache")
+    _, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0 and stderr.startswith(f"{out} is already complete ({len(whole)} rows"), stderr
+
+
 def test_a_second_run_on_the_same_output_is_refused_even_with_force(tmp_path, tiny_gguf_f32, long_run):
     """Two real processes: the first is held mid-run (SIGSTOP) while a second one with --force (and a
     third with --resume) tries the same output. They must be refused, and the first run's rows land."""

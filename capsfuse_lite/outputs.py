@@ -1,0 +1,153 @@
+"""Output files as the commands treat them: their folder, and when an existing ``fuse`` output is done.
+
+Folders: every command that writes a file (``fuse``, ``merge``, ``prompts``, ``bench``, ``convert``)
+creates a missing output folder, parents included, like ``mkdir -p``; it is created only once the
+inputs have been checked, so a command that fails early leaves nothing behind. Whether files can be
+created there is checked first, in the nearest folder that exists (:func:`check_output_folder`).
+
+Done: ``fuse`` writes ``OUTPUT.meta.json`` beside a finished OUTPUT. A rerun of a command whose
+OUTPUT is *complete* does nothing and exits 0 with one line (:func:`finished_output`); complete means
+all of:
+
+- OUTPUT and its meta file exist, and OUTPUT has the size the meta file recorded (not edited since);
+- the input has the content the output was made from (sha256, cached by path, size and mtime, so an
+  unchanged input is not read again; outputs from before sha256 was recorded: same path and size);
+- this command asks for what the meta file records: the same model file (sha256), input and output
+  format, CSV delimiter, caption and output fields, ``--limit`` and ``--shard``, and ``--beams`` /
+  ``--max-new-tokens`` where given (left out, they are the model's, which is the same file).
+
+``--slots``, ``--ctx``, ``--threads`` and ``--n-gpu-layers`` are not compared: they change speed,
+not what is asked for. An OUTPUT that exists but is not complete for this command is refused with
+what differs and the way out (``--force`` redoes it); nothing is overwritten without ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, OutputExistsError, write_error
+
+
+def check_output_folder(output: str | Path) -> None:
+    """Fail now, with one line, if ``output`` cannot be created: its folder (or, when that is missing,
+    the nearest existing folder above it, where it would be made) is read-only, not ours, or a file."""
+    output = Path(output)
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write {output}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise write_error(exc, output) from None
+
+
+def make_output_folder(output: str | Path) -> None:
+    """Create ``output``'s folder and its parents if missing (one error line if that fails)."""
+    output = Path(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, output) from None
+
+
+def read_meta(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None if it is missing or not a JSON object."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _get(meta: dict, *keys: str) -> Any:
+    for key in keys:
+        meta = meta.get(key) if isinstance(meta, dict) else None
+    return meta
+
+
+def _short(digest: Any) -> str:
+    return f"sha256 {str(digest)[:12]}" if digest else "sha256 unknown"
+
+
+def finished_output(cfg: Any, *, output_format: str, input_format: str) -> str:
+    """``cfg`` (a :class:`~capsfuse_lite.runner.FuseConfig`) names an existing OUTPUT: return the
+    one line saying it is already complete for this command, or raise
+    :class:`~capsfuse_lite.errors.OutputExistsError` saying why it is not and how to redo it.
+    ``cfg.model`` is the ``--model`` given, or None for the default model."""
+    from .journal import journal_path
+    from .models import DEFAULT_MODEL_FILE, default_model_path, file_sha256
+    from .records import parse_csv_delimiter
+    from .runner import meta_path
+
+    out = Path(cfg.output)
+    journal = journal_path(out)
+    unfinished = (f" ({journal.name}, the journal of an interrupted --force run, is beside it: --resume finishes "
+                  "that run)") if journal.exists() else ""
+    redo = f"pass --force to redo it (or choose another -o){unfinished}"
+    meta_file = meta_path(out)
+    meta = read_meta(meta_file)
+    if meta is None or not isinstance(meta.get("output"), dict):
+        what = "is missing" if not meta_file.exists() else "is not a capsfuse-lite meta file"
+        raise OutputExistsError(f"{out} exists but is not a finished capsfuse-lite output ({meta_file.name} {what}); "
+                                f"pass --force to overwrite it (or choose another -o){unfinished}")
+    size = out.stat().st_size
+    if _get(meta, "output", "bytes") != size:
+        raise OutputExistsError(f"{out} changed since capsfuse-lite wrote it ({size} bytes; {meta_file.name} says "
+                                f"{_get(meta, 'output', 'bytes')}); {redo}")
+
+    source = Path(cfg.input)
+    recorded = _get(meta, "input", "sha256")
+    if recorded:
+        changed = file_sha256(source) != recorded
+    else:  # a meta file from before input hashes were recorded
+        changed = (_get(meta, "input", "path") != str(source.resolve())
+                   or _get(meta, "input", "bytes") != source.stat().st_size)
+    if changed:
+        raise OutputExistsError(f"{out} was made from other input data than {source} holds now (the file changed "
+                                f"since, or is another file); pass --force to fuse it again (or choose another -o)"
+                                f"{unfinished}")
+
+    diffs: list[str] = []
+
+    def compare(label: str, was: Any, now: Any) -> None:
+        if was != now:
+            diffs.append(f"{label} {'none' if was is None else was} -> {'none' if now is None else now}")
+
+    compare("input format", _get(meta, "input", "format"), input_format)
+    compare("output format", _get(meta, "output", "format"), output_format)
+    if "csv" in (input_format, output_format):
+        compare("--csv-delimiter", repr(_get(meta, "csv_delimiter") or ","), repr(parse_csv_delimiter(cfg.csv_delimiter)))
+    compare("--raw-field", _get(meta, "fields", "raw"), cfg.raw_field)
+    compare("--synthetic-field", _get(meta, "fields", "synthetic"), cfg.synthetic_field)
+    compare("--output-field", _get(meta, "fields", "output"), cfg.output_field)
+    compare("--limit", _get(meta, "selection", "limit"), cfg.limit)
+    compare("--shard", _get(meta, "selection", "shard"), f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else None)
+    for key, flag in (("beams", "--beams"), ("max_new_tokens", "--max-new-tokens")):
+        if getattr(cfg, key) is not None:
+            compare(flag, _get(meta, "settings", key), getattr(cfg, key))
+
+    made_with = _get(meta, "model", "sha256")
+    model = Path(cfg.model).expanduser() if cfg.model is not None else default_model_path()
+    if model.is_file():
+        now = file_sha256(model)
+        if now != made_with:
+            diffs.append(f"model {_get(meta, 'model', 'file')} ({_short(made_with)}) -> {model.name} ({_short(now)})")
+    elif cfg.model is not None:
+        raise ConfigError(f"model file {model} does not exist (--model takes a .gguf file)")
+    elif _get(meta, "model", "file") != DEFAULT_MODEL_FILE:  # the default model is gone: judge by name
+        diffs.append(f"model {_get(meta, 'model', 'file')} -> {DEFAULT_MODEL_FILE} (the default)")
+    if diffs:
+        raise OutputExistsError(f"{out} exists, made with other settings ({'; '.join(diffs)}); "
+                                f"pass --force to redo it with these (or choose another -o){unfinished}")
+
+    rows = _get(meta, "output", "rows")
+    return (f"{out} is already complete ({rows} rows, made {_get(meta, 'created') or '?'} with "
+            f"{_get(meta, 'model', 'file')}): nothing to do; --force redoes it{unfinished}")
