@@ -16,6 +16,10 @@ its captions are unchanged. The engine completes rows out of order; the journal 
 its input index and the output is assembled in input order by streaming the input again, to
 ``OUTPUT.partial`` renamed onto OUTPUT at the end.
 
+An OUTPUT that is already complete for the config (see :mod:`capsfuse_lite.outputs`) is left alone:
+``prepare()`` sets ``already_done`` to the line saying so and ``execute()`` returns at once, without
+touching the model.
+
 Files are the user's: the model's header is checked (a LLaMA GGUF, complete, settings within its
 trained context) before the model is hashed or the journal touched; the journal is locked before
 it is read or discarded; a failed write (disk full, read-only or vanished folder) is one line naming
