@@ -417,6 +417,8 @@ def _gpu_memory() -> dict | None:
     gpus = [d for d in devices() if d["type"] == "gpu"]
     if not gpus:
         return None
+    if any(d["total"] <= 0 for d in gpus):  # a backend that reports no memory
+        return {"description": gpus[0]["description"] or gpus[0]["name"], "free": None, "total": None}
     names = sorted({d["description"] or d["name"] for d in gpus})
     label = (f"{len(gpus)} x " if len(gpus) > 1 else "") + " + ".join(names)
     return {"description": label, "free": sum(d["free"] for d in gpus), "total": sum(d["total"] for d in gpus)}
