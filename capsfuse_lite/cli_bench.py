@@ -39,7 +39,7 @@ def _devices(text: str) -> list[str]:
     devices = _choices("--device", text, ("cpu", "gpu"))
     if "gpu" in devices and not supports_gpu_offload():
         raise ConfigError("--device gpu: this llama-cpp-python build has no GPU offload; reinstall it with CUDA "
-                          "(CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall llama-cpp-python)")
+                          "(CMAKE_ARGS=\"-DGGML_CUDA=on -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL\" pip install --force-reinstall llama-cpp-python)")
     return devices
 
 

@@ -76,26 +76,36 @@ def test_fuse_command_loads_llama_cpp_before_reading_parquet(tmp_path):
     assert order["llama"] is not None and order["numpy"] is not None and order["llama"] < order["numpy"], order
 
 
-def test_a_private_libstdcxx_is_detected_and_refused_when_numpy_came_first(tmp_path, monkeypatch):
-    """A library that defines std::ostream::_M_insert<long> itself (as the reported CUDA build's
-    libggml-cuda.so did) is found; with numpy imported first, loading a model is refused with one
-    line instead of crashing."""
+def test_a_private_libstdcxx_is_detected_and_refused_when_numpy_came_first(tmp_path, monkeypatch, capsys):
+    """A library that exports libstdc++'s own symbols (as a build linked with -static-libstdc++
+    does, like the reported CUDA build's libggml-cuda.so) is found from its ELF symbol table; with
+    numpy imported first, loading a model is refused with one line instead of crashing; in the
+    other order it is loaded with one warning naming the fix."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler to build the fake library")
     from capsfuse_lite import llama
     from capsfuse_lite.errors import ModelLoadError
+    from capsfuse_lite.native import libstdcxx_hazard
 
-    assert llama.libstdcxx_hazard() is None  # the installed build links the system libstdc++
-    (tmp_path / "fake.c").write_text("void _ZNSo9_M_insertIlEERSoT_(void) {}\n")
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libggml-fake.so"), str(tmp_path / "fake.c")], check=True)
+    assert libstdcxx_hazard() is None  # the installed build links the system libstdc++
+    (tmp_path / "plain.c").write_text("int ggml_something(void) { return 1; }\n")
+    (tmp_path / "private.c").write_text("void _ZNSo9_M_insertIlEERSoT_(void) {}\nvoid _ZSt4cout(void) {}\n")
+    for name, source in (("libggml-a.so", "plain.c"), ("libggml-cuda.so", "private.c")):
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / name), str(tmp_path / source)], check=True)
+    assert libstdcxx_hazard(tmp_path) == "libggml-cuda.so"
+    (tmp_path / "libggml-cuda.so").unlink()
+    assert libstdcxx_hazard(tmp_path) is None
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libggml-cuda.so"), str(tmp_path / "private.c")], check=True)
+
     monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(tmp_path))
-    assert llama.libstdcxx_hazard() == "libggml-fake.so"
-    monkeypatch.setattr(llama, "_NUMPY_FIRST", True)
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
-    with pytest.raises(ModelLoadError, match="carries its own copy of libstdc\\+\\+.*before numpy"):
+    monkeypatch.setattr(llama, "_NUMPY_FIRST", True)
+    with pytest.raises(ModelLoadError, match="carries its own copy of libstdc\\+\\+.*before numpy.*exclude-libs"):
         llama.Model(model)
-    monkeypatch.setenv("CAPSFUSE_LITE_ALLOW_NUMPY_FIRST", "1")
-    monkeypatch.delenv("LLAMA_CPP_LIB_PATH")
     monkeypatch.setattr(llama, "_NUMPY_FIRST", False)
-    llama._check_load_order()  # no hazard, nothing raised
+    monkeypatch.setattr(llama, "_warned_hazard", False)
+    llama._check_load_order()
+    llama._check_load_order()
+    err = capsys.readouterr().err
+    assert err.count("warning: this llama-cpp-python build's libggml-cuda.so carries") == 1 and "exclude-libs" in err

@@ -39,7 +39,7 @@ if [ "$DEVICE" = gpu ]; then
     tar -xJf "$CARRY/llama.cpp.tar.xz" -C "$WORK"
     cmake -S "$WORK/llama.cpp" -B "$WORK/build" -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90} \
       -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON ${EXTRA_CMAKE_ARGS:-} > "$OUT/cmake.txt" 2>&1
+      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" ${EXTRA_CMAKE_ARGS:-} > "$OUT/cmake.txt" 2>&1
     ninja -C "$WORK/build" -j"$(nproc)" llama llama-batched-bench > "$OUT/ninja.txt" 2>&1
     mkdir -p "$WORK/cuda-libs"
     cp -a "$WORK"/build/bin/*.so* "$WORK/build/bin/llama-batched-bench" "$WORK/cuda-libs/"
@@ -48,6 +48,7 @@ if [ "$DEVICE" = gpu ]; then
   fi
   cp -a "$WORK"/cuda-libs/*.so* "$LIB/"
   nm -DC --defined-only "$LIB/libggml-cuda.so" 2>/dev/null | grep -c 'std::' > "$OUT/libggml-cuda-std-exports.txt" || true
+  readelf -d "$LIB/libggml-cuda.so" | grep NEEDED >> "$OUT/libggml-cuda-std-exports.txt" || true
 fi
 python - <<'PY' | tee -a "$OUT/log.txt"
 from capsfuse_lite.llama import devices, libstdcxx_hazard, supports_gpu_offload
