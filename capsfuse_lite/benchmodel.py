@@ -14,10 +14,11 @@ chunks of at most ``CHUNK_BYTES``, so memory stays flat and writing is bound by 
 Weights. Every weight matrix is zero-mean with the standard deviation of a well-conditioned
 pre-norm network: 1/sqrt(fan_in) for the projections that read the normed stream (q, k, v,
 gate, up), ``RESIDUAL_SCALE``/sqrt(fan_in) for the two that write the residual stream
-(attn_output, ffn_down), ``EMBED_STD`` for the token embedding (RMSNorm makes the network
-invariant to that common scale; it keeps every fp16 block scale in the normal range) and
-``OUTPUT_SCALE``/sqrt(hidden) for the output matrix, so logits spread over a few units through
-40 layers. RMSNorm gains are f32 around 1.
+(attn_output, ffn_down), ``EMBED_STD`` for the token embedding, and ``OUTPUT_SCALE``/sqrt(hidden)
+for the output matrix, so logits spread over a few units through 40 layers. RMSNorm gains are
+f32 around 1. The embedding and the residual writers share the factor ``EMBED_STD``: RMSNorm
+makes the network invariant to it, and it lifts every fp16 block scale of the presets out of
+fp16's subnormal range.
 
 Never EOS. The output row of EOS (id 2) is all zeros (every block scale 0), so its logit is
 exactly 0, while the other logits are h·w_t with zero-mean random rows w_t: about half of the
@@ -43,7 +44,6 @@ weights) and a jitter of ±25 % per block.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import time
@@ -60,8 +60,6 @@ from gguf import MODEL_TENSOR
 from . import defaults as D
 from .errors import ConfigError, ModelLoadError
 
-log = logging.getLogger("capsfuse_lite.convert")
-
 VOCAB_FILE = "ggml-vocab-llama-spm.gguf"
 PAD_TOKEN = "[PAD]"  # CapsFus-LLaMA's added token: id 32000, a CONTROL token
 CONTEXT_LENGTH = 4096  # LLaMA-2's trained context, as CapsFus-LLaMA's config.json says
@@ -73,7 +71,8 @@ RESIDUAL_SCALE = 0.3 * EMBED_STD
 OUTPUT_SCALE = 4.0
 NORM_STD = 0.1
 JITTER = (0.75, 1.25)  # per-block factor on the scale d
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 2 << 20  # generated at a time: small enough to stay in the CPU caches
+WRITE_BYTES = 16 << 20  # handed to the writer thread at a time (two in flight at most)
 _HEADER_ALLOWANCE = 8 << 20
 
 OUT_TYPES = ("q4_k_m", "q4_0", "q8_0", "f16")
@@ -443,12 +442,13 @@ def _writer(bench: BenchShape, out_type: str, seed: int, vocab, tensors: list[Be
 
 
 def write_bench_model(path: str | os.PathLike, shape: str | BenchShape = "13b", out_type: str = "q4_k_m", *,
-                      seed: int = 0, force: bool = False, progress: bool | None = False) -> Path:
+                      seed: int = 0, force: bool = False, progress: bool | None = None) -> Path:
     """Write a random-weight GGUF of ``shape`` (a preset name: tiny, cpu768, 7b, 13b, or a
     :class:`BenchShape`) and ``out_type`` (q4_k_m, q4_0, q8_0, f16) to ``path``; return the path.
 
     The same ``seed`` gives the same bytes. The file appears only when complete (temp file,
-    fsync, rename); an existing file is refused unless ``force``.
+    fsync, rename); an existing file is refused unless ``force``. ``progress``: a bar on stderr
+    (None: when stderr is a terminal), else log lines.
     """
     from .convert.progress import ConvertProgress, human_bytes
     from .convert.writer import check_free_space, check_output_path, remove_quietly, temp_path
@@ -477,16 +477,22 @@ def write_bench_model(path: str | os.PathLike, shape: str | BenchShape = "13b", 
         writer.write_ti_data_to_file()
         fout = writer.fout[0]
         reporter.start(f"{out_type} {out.name}", total, len(tensors))
-        # One thread writes chunk k while this one generates chunk k+1 (numpy and file writes
-        # release the GIL), so the disk, not the random numbers, sets the pace.
+        # One thread writes batch k while this one generates batch k+1 (file writes release the
+        # GIL), so the disk, not the random numbers, sets the pace.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model-writer") as pool:
             pending = None
+            batch: list = []
+            batch_bytes = 0
 
-            def put(data: bytes | np.ndarray) -> None:
-                nonlocal pending
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(fout.write, memoryview(data))
+            def put(data: bytes | np.ndarray, flush: bool = False) -> None:
+                nonlocal pending, batch, batch_bytes
+                batch.append(memoryview(data))
+                batch_bytes += len(batch[-1])
+                if batch_bytes >= WRITE_BYTES or flush:
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(fout.writelines, batch)
+                    batch, batch_bytes = [], 0
 
             try:
                 position = fout.tell()
@@ -506,7 +512,7 @@ def write_bench_model(path: str | os.PathLike, shape: str | BenchShape = "13b", 
                     position += written
                     reporter.advance(0, tensor_done=True)
                 pad = gguf.GGUFWriter.ggml_pad(position, writer.data_alignment) - position
-                put(bytes(pad))  # the file ends aligned too, as gguf-py and llama.cpp write it
+                put(bytes(pad), flush=True)  # the file ends aligned too, as gguf-py and llama.cpp write it
                 position += pad
                 if pending is not None:
                     pending.result()
