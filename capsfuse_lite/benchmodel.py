@@ -446,9 +446,9 @@ def write_bench_model(path: str | os.PathLike, shape: str | BenchShape = "13b", 
     """Write a random-weight GGUF of ``shape`` (a preset name: tiny, cpu768, 7b, 13b, or a
     :class:`BenchShape`) and ``out_type`` (q4_k_m, q4_0, q8_0, f16) to ``path``; return the path.
 
-    The same ``seed`` gives the same bytes. The file appears only when complete (temp file,
-    fsync, rename); an existing file is refused unless ``force``. ``progress``: a bar on stderr
-    (None: when stderr is a terminal), else log lines.
+    The same ``seed`` gives the same bytes (for the same ``CHUNK_BYTES``). The file appears only
+    when complete (temp file, fsync, rename); an existing file is refused unless ``force``.
+    ``progress``: a bar on stderr (None: when stderr is a terminal), else log lines.
     """
     from .convert.progress import ConvertProgress, human_bytes
     from .convert.writer import check_free_space, check_output_path, remove_quietly, temp_path
