@@ -66,7 +66,7 @@ def _root(
 def _register() -> None:
     import importlib
 
-    for name in ("cli_convert", "cli_prompts", "cli_fuse", "cli_bench"):
+    for name in ("cli_convert", "cli_prompts", "cli_fuse", "cli_bench", "cli_benchmodel"):
         importlib.import_module(f"{__package__}.{name}").register(app)
 
 
