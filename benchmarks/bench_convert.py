@@ -43,12 +43,13 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("pytorch_model*.bin"))
 
 
-def run_measured(args: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit status) of a child process."""
+def run_measured(args: list[str]) -> tuple[float, int, int, float]:
+    """(wall seconds, peak RSS bytes, exit status, CPU seconds) of a child process."""
     start = time.perf_counter()
     proc = subprocess.Popen(args)
     _pid, status, usage = os.wait4(proc.pid, 0)
-    return time.perf_counter() - start, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    return wall, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
 
 
 def plain_copy(files: list[Path], dest: Path) -> float:
@@ -70,7 +71,7 @@ def convert(folder: Path, out: Path, out_type: str) -> tuple[float, int]:
         "from capsfuse_lite.convert import convert_checkpoint\n"
         f"convert_checkpoint({str(folder)!r}, {str(out)!r}, out_type={out_type!r}, force=True, progress=False)\n"
     )
-    seconds, rss, status = run_measured([sys.executable, "-c", code])
+    seconds, rss, status, _cpu = run_measured([sys.executable, "-c", code])
     if status != 0:
         raise SystemExit(f"conversion to {out_type} failed (exit {status})")
     return seconds, rss

@@ -1,18 +1,18 @@
-"""Build the CPU-sized benchmark model: LLaMA's shape at a size a 2-core CPU can run.
+"""Build the benchmark models: random-weight LLaMA GGUFs, and optionally the same weights for transformers.
 
-A random LlamaForCausalLM with hidden 768, intermediate 2048, 8 layers, 12 heads and CapsFus-LLaMA's
-vocabulary (LLaMA-2's real SentencePiece tokenizer plus [PAD] = 32000, 32001 tokens), written in
-upstream's layout (fp32 ``pytorch_model-*.bin`` shards + index, transformers-4.28 config, tokenizer
-files) by ``tests/checkpoints.py``, then converted with
-:func:`capsfuse_lite.convert.convert_checkpoint` (q8_0 by default).
+A thin wrapper over :func:`capsfuse_lite.benchmodel.write_bench_model` (the same as
+``capsfuse-lite bench-model``) that names the files after shape and type in one folder:
 
-The weights are random, so the captions it writes are nonsense; the compute per token (and the
-tokenizer, hence the prompt lengths of the sample captions) is what matters for speed.
+    python benchmarks/make_bench_model.py                           # OUT/capsfus-llama-cpu768-q8_0.gguf
+    python benchmarks/make_bench_model.py --shape 13b --type q4_k_m # OUT/capsfus-llama-13b-q4_k_m.gguf (7.9 GB, seconds)
+    python benchmarks/make_bench_model.py --hf-checkpoint          # + OUT/capsfus-llama-cpu768/ for --hf-checkpoint
 
-    python benchmarks/make_bench_model.py                 # -> /work/bench-models/...
-    python benchmarks/make_bench_model.py --out DIR --type q4_k_m
+``--hf-checkpoint`` also writes the GGUF's weights, dequantized, as an HF checkpoint in upstream's
+style (bf16 safetensors, 4.28 config, CapsFus-LLaMA's tokenizer files) for the ``hf-upstream``
+baseline of ``capsfuse-lite bench``: transformers then runs the same model, so it never emits EOS
+either (needs the repository's tests/ folder; about 2 bytes per parameter of disk).
 
-Prints the checkpoint folder and the GGUF path. Needs torch + transformers (the ``test`` extra).
+OUT defaults to ``~/.cache/capsfuse-lite/bench-models``. Existing files are reused unless --force.
 """
 
 from __future__ import annotations
@@ -22,39 +22,57 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-SHAPE = dict(hidden=768, intermediate=2048, layers=8, heads=12)
-NAME = "capsfus-llama-cpu768"
 
 
-def build(out: Path, out_type: str = "q8_0", force: bool = False, seed: int = 0) -> tuple[Path, Path]:
-    """The HF checkpoint folder and its GGUF under ``out`` (reused when present unless ``force``)."""
-    from checkpoints import make_llama_checkpoint
+def build(out: Path, shape: str = "cpu768", out_type: str = "q8_0", *, seed: int = 0, force: bool = False,
+          hf_checkpoint: bool = False) -> tuple[Path, Path | None]:
+    """The GGUF (and HF checkpoint folder) under ``out``; reused when present unless ``force``."""
+    from capsfuse_lite.benchmodel import write_bench_model
 
-    from capsfuse_lite.convert import convert_checkpoint
-
-    folder = out / NAME
-    gguf = out / f"{NAME}-{out_type}.gguf"
-    if force or not (folder / "config.json").is_file():
-        make_llama_checkpoint(folder, layout="bin-sharded", dtype="float32", config_style="4.28", seed=seed, **SHAPE)
+    gguf = out / f"capsfus-llama-{shape}-{out_type}.gguf"
     if force or not gguf.is_file():
-        convert_checkpoint(folder, gguf, out_type=out_type, force=True, progress=False)
-    return folder, gguf
+        write_bench_model(gguf, shape, out_type, seed=seed, force=True, progress=None)
+    folder = None
+    if hf_checkpoint:
+        folder = out / f"capsfus-llama-{shape}"
+        if force or not (folder / "model.safetensors").is_file():
+            sys.path.insert(0, str(REPO / "tests"))
+            from checkpoints import checkpoint_from_gguf
+
+            checkpoint_from_gguf(gguf, folder, dtype="bfloat16")
+    return gguf, folder
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("/work/bench-models"), help="output folder (outside the repo)")
-    parser.add_argument("--type", default="q8_0", help="GGUF type for convert_checkpoint (default q8_0)")
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    from capsfuse_lite.benchmodel import OUT_TYPES, PRESETS
+    from capsfuse_lite.errors import CapsfuseError
+    from capsfuse_lite.models import cache_dir
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=cache_dir() / "bench-models", help="output folder")
+    parser.add_argument("--shape", default="cpu768", choices=list(PRESETS), help="LLaMA shape (default cpu768, README's CPU tables)")
+    parser.add_argument("--type", default="q8_0", choices=list(OUT_TYPES), help="GGUF type (default q8_0, README's CPU tables)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if the files exist")
+    parser.add_argument("--hf-checkpoint", action="store_true",
+                        help="also write the same weights as an HF checkpoint (for bench --hf-checkpoint)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
-    folder, gguf = build(args.out, args.type, args.force, args.seed)
-    print(f"checkpoint: {folder}")
+    try:
+        gguf, folder = build(args.out, args.shape, args.type, seed=args.seed, force=args.force,
+                             hf_checkpoint=args.hf_checkpoint)
+    except CapsfuseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"gguf:       {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB)")
+    if folder is not None:
+        print(f"checkpoint: {folder}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

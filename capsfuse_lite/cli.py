@@ -55,7 +55,7 @@ def _root(
 def _register() -> None:
     import importlib
 
-    for name in ("cli_convert", "cli_prompts", "cli_fuse", "cli_bench"):
+    for name in ("cli_convert", "cli_prompts", "cli_fuse", "cli_bench", "cli_benchmodel"):
         importlib.import_module(f"{__package__}.{name}").register(app)
     for info in app.registered_commands:  # every command's help in one layout (HelpCommand)
         if info.cls in (None, typer.core.TyperCommand):

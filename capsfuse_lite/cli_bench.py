@@ -39,8 +39,8 @@ def _devices(text: str) -> list[str]:
     devices = _choices("--device", text, ("cpu", "gpu"))
     if "gpu" in devices and not supports_gpu_offload():
         raise ConfigError("--device gpu: this llama-cpp-python build has no GPU offload; rebuild it with CUDA: "
-                          "`CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --force-reinstall --no-cache-dir "
-                          "\"llama-cpp-python>=0.3.36,<0.3.37\"`")
+                          "`CMAKE_ARGS=\"-DGGML_CUDA=on -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL\" "
+                          "pip install --force-reinstall --no-cache-dir \"llama-cpp-python>=0.3.36,<0.3.37\"`")
     return devices
 
 

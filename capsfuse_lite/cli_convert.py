@@ -82,7 +82,7 @@ def info(
         lines.append("capsfuse      no capsfuse.* metadata (not made by capsfuse-lite convert; fuse uses built-in defaults)")
     for key, value in capsfuse.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{name} {digest[:12]}" for name, digest in value.items())
+            value = ", ".join(f"{name} {digest[:12]}" for name, digest in value.items()) or "none"
         elif isinstance(value, str) and len(value) > 100:
             value = json.dumps(value[:97] + "...")
         lines.append(f"{key:<30}{value}")

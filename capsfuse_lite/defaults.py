@@ -41,3 +41,5 @@ KEY_SOURCE = "capsfuse.source"
 KEY_REVISION = "capsfuse.revision"
 KEY_SOURCE_SHA256 = "capsfuse.source_sha256"  # JSON object: file name -> sha256
 KEY_CONVERTER_VERSION = "capsfuse.converter_version"
+# Written by `capsfuse-lite bench-model` only: true when the weights are random (benchmark models).
+KEY_RANDOM_WEIGHTS = "capsfuse.random_weights"

@@ -1,11 +1,13 @@
 """The Fuser: CapsFus-LLaMA caption fusion over one llama.cpp context.
 
 ``Fuser(model_path, ...)`` loads a GGUF, reads its ``capsfuse.*`` metadata for the defaults
-(prompt template, prompt budget, beams, max new tokens, length offset), creates one context whose
-unified KV cache holds ``slots x beams`` sequences (plus one for the shared instruction prefix),
-and ``fuse(pairs)`` streams :class:`FuseResult` objects. Scheduling (continuous batching, prefix
-reuse, KV forking for beams) lives in :mod:`capsfuse_lite.scheduler`; token search (greedy,
-beam search and its transformers-version arithmetic) in :mod:`capsfuse_lite.beams`.
+(prompt template, prompt budget, beams, max new tokens, length offset), sizes the run
+(:mod:`capsfuse_lite.plan`: how many slots fit the device, and the KV layout: one unified cache for
+beam search, one stream per sequence for greedy), creates one context holding ``slots x beams``
+sequences plus one for the shared instruction prefix, and ``fuse(pairs)`` streams
+:class:`FuseResult` objects. Scheduling (continuous batching, prefix reuse, KV forking for beams,
+the vectorised search of each decode step) lives in :mod:`capsfuse_lite.scheduler`; token search
+(greedy, beam search and its transformers-version arithmetic) in :mod:`capsfuse_lite.beams`.
 """
 
 from __future__ import annotations
@@ -115,12 +117,17 @@ class Fuser:
     """Fuses (raw alt-text, synthetic caption) pairs with a CapsFus-LLaMA GGUF.
 
     Arguments left as ``None`` come from the GGUF's ``capsfuse.*`` metadata, else from
-    :mod:`capsfuse_lite.defaults`. ``n_gpu_layers=None`` offloads every layer when this llama.cpp
-    build supports a GPU, else runs on the CPU (with one notice line). ``n_ctx=None`` sizes the KV
-    cache for the worst case of every slot at once; a smaller ``n_ctx`` admits rows only while
-    their worst case fits. ``length_offset``: see :mod:`capsfuse_lite.beams` (256 = upstream's
-    transformers 4.28 arithmetic, 0 = current transformers). ``verbose``: show llama.cpp's own log
-    (``None`` keeps the process-wide :func:`~capsfuse_lite.llama.set_verbose` setting, off by default).
+    :mod:`capsfuse_lite.defaults`. ``slots="auto"`` takes the most rows that fit the GPU's free
+    memory up to the throughput knee (``capsfuse-lite bench`` measures and remembers it; see
+    :func:`capsfuse_lite.plan.choose_slots`); an explicit count is checked against memory the same
+    way, so a run never starts into an out-of-memory crash (``slots_reason`` says what fit and
+    why). ``n_gpu_layers=None`` offloads every layer when this llama.cpp build supports a GPU,
+    else runs on the CPU (with one notice line). ``kv_unified=None`` picks the KV layout
+    (:mod:`capsfuse_lite.plan`). ``n_ctx=None`` sizes a unified KV cache for the worst case of every
+    slot at once; a smaller ``n_ctx`` admits rows only while their worst case fits. ``n_batch=None``
+    is ``max(512, slots x beams)``. ``length_offset``: see :mod:`capsfuse_lite.beams` (256 =
+    upstream's transformers 4.28 arithmetic, 0 = current transformers). ``stats`` (a
+    :class:`FuserStats`) splits time into device (llama.cpp's kernels) and host (this engine).
     """
 
     def __init__(
@@ -411,6 +418,8 @@ def _gpu_memory() -> dict | None:
     gpus = [d for d in devices() if d["type"] == "gpu"]
     if not gpus:
         return None
+    if any(d["total"] <= 0 for d in gpus):  # a backend that reports no memory
+        return {"description": gpus[0]["description"] or gpus[0]["name"], "free": None, "total": None}
     names = sorted({d["description"] or d["name"] for d in gpus})
     label = (f"{len(gpus)} x " if len(gpus) > 1 else "") + " + ".join(names)
     return {"description": label, "free": sum(d["free"] for d in gpus), "total": sum(d["total"] for d in gpus)}

@@ -90,53 +90,38 @@ def _lib():
     return lib
 
 
-# std::basic_ostream<char>::_M_insert<long>: where the reported crash resolved into libggml-cuda.so
-_HAZARD_SYMBOL = b"_ZNSo9_M_insertIlEERSoT_"
-
-
-class _DlInfo(ctypes.Structure):
-    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
-
-
 def libstdcxx_hazard() -> str | None:
-    """The file name of a llama.cpp/ggml library of this build that defines libstdc++'s own
-    ``std::ostream`` code itself (a private, exported libstdc++ copy), else None.
+    """The library of this llama.cpp build that exports a private libstdc++ copy, else None (see
+    :mod:`capsfuse_lite.native`)."""
+    from .native import libstdcxx_hazard as check
 
-    ``dlsym`` on a library handle also searches that library's dependencies, so the defining object
-    is asked of ``dladdr``: a hazard is a definition that does not come from libstdc++.so.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        dladdr = libc.dladdr
-    except (OSError, AttributeError):
-        return None
-    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
-    for path in sorted(_lib_folder().glob("lib*.so")):
-        try:
-            handle = ctypes.CDLL(str(path))
-            address = ctypes.cast(getattr(handle, _HAZARD_SYMBOL.decode()), ctypes.c_void_p).value
-        except (OSError, AttributeError):
-            continue
-        info = _DlInfo()
-        if address and dladdr(address, ctypes.byref(info)) and info.dli_fname:
-            owner = Path(info.dli_fname.decode(errors="replace")).name
-            if not owner.startswith("libstdc++"):
-                return owner
-    return None
+    return check(_lib_folder())
+
+
+_warned_hazard = False
 
 
 def _check_load_order() -> None:
-    if not _NUMPY_FIRST or os.environ.get("CAPSFUSE_LITE_ALLOW_NUMPY_FIRST"):
+    """Before a model loads: refuse the known crash (a private-libstdc++ build with numpy loaded
+    first) with one line; warn once when such a build is loaded in the safer order."""
+    global _warned_hazard
+    if os.environ.get("CAPSFUSE_LITE_ALLOW_NUMPY_FIRST"):
         return
     owner = libstdcxx_hazard()
-    if owner:
+    if not owner:
+        return
+    fix = ("reinstall llama-cpp-python with CMAKE_ARGS=\"-DGGML_CUDA=on -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL\" "
+           "(capsfuse-lite's README)")
+    if _NUMPY_FIRST:
         raise ModelLoadError(
             f"this llama-cpp-python build's {owner} carries its own copy of libstdc++, and numpy was imported "
-            "before llama.cpp: loading a model would crash. Import capsfuse_lite (or llama_cpp) before numpy, "
-            "or reinstall llama-cpp-python with the CUDA line in capsfuse-lite's README "
+            f"before llama.cpp: loading a model would crash. Import capsfuse_lite (or llama_cpp) before numpy, or {fix} "
             "(set CAPSFUSE_LITE_ALLOW_NUMPY_FIRST=1 to try anyway)"
         )
+    if not _warned_hazard:
+        _warned_hazard = True
+        sys.stderr.write(f"capsfuse-lite: warning: this llama-cpp-python build's {owner} carries its own copy of "
+                         f"libstdc++ and may crash when other C++ libraries load; {fix}\n")
 
 
 def set_verbose(verbose: bool) -> None:

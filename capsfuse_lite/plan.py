@@ -169,10 +169,13 @@ def choose_slots(*, requested: int | str, shape: ModelShape, beams: int, max_inp
     per_cell = shape.kv_bytes_per_cell(kv_type)
     if device is not None:
         where = f"{device.get('description') or device.get('name') or 'GPU'}"
-        budget = device["free"] * FIT_FRACTION - compute_bytes(shape, n_ubatch)
+        if device.get("free") is None:  # a backend that reports no memory: the knee alone decides
+            budget, free_text = float("inf"), "free memory not reported"
+        else:
+            budget = device["free"] * FIT_FRACTION - compute_bytes(shape, n_ubatch)
+            free_text = f"{device['free'] / GIB:.1f} GiB free after the model"
         kv_on_device = gpu_fraction
         kind = "gpu"
-        free_text = f"{device['free'] / GIB:.1f} GiB free after the model"
     else:
         where = "CPU"
         budget = (host_available if host_available is not None else float("inf")) * FIT_FRACTION - compute_bytes(shape, n_ubatch)

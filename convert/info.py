@@ -19,7 +19,8 @@ from capsfuse_lite import defaults as D
 from .gguf_metadata import GGUFArray, read_gguf_layout
 
 CAPSFUSE_KEYS = (D.KEY_PROMPT_TEMPLATE, D.KEY_MAX_INPUT_TOKENS, D.KEY_NUM_BEAMS, D.KEY_MAX_NEW_TOKENS,
-                 D.KEY_LENGTH_OFFSET, D.KEY_SOURCE, D.KEY_REVISION, D.KEY_SOURCE_SHA256, D.KEY_CONVERTER_VERSION)
+                 D.KEY_LENGTH_OFFSET, D.KEY_SOURCE, D.KEY_REVISION, D.KEY_SOURCE_SHA256, D.KEY_CONVERTER_VERSION,
+                 D.KEY_RANDOM_WEIGHTS)
 
 
 def _enum_name(enum: type, value: Any) -> str:

@@ -25,7 +25,6 @@ from .writer import (PENDING_DIGEST, SequentialHasher, check_free_space, check_o
 log = logging.getLogger("capsfuse_lite.convert")
 
 
-
 def _gguf_py_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -44,14 +43,19 @@ def _intermediate_type(plans_dtypes: set[str]) -> str:
     return "bf16" if plans_dtypes == {"BF16"} else "f16"
 
 
-def _add_capsfuse_metadata(writer: gguf.GGUFWriter, label: str, revision: str | None, digests: dict[str, str]) -> None:
-    from .writer import digest_json
-
+def add_capsfuse_defaults(writer: gguf.GGUFWriter) -> None:
+    """Upstream's prompt template and decoding settings, the defaults ``fuse`` reads back."""
     writer.add_string(D.KEY_PROMPT_TEMPLATE, D.PROMPT_TEMPLATE)
     writer.add_uint32(D.KEY_MAX_INPUT_TOKENS, D.MAX_INPUT_TOKENS)
     writer.add_uint32(D.KEY_NUM_BEAMS, D.NUM_BEAMS)
     writer.add_uint32(D.KEY_MAX_NEW_TOKENS, D.MAX_NEW_TOKENS)
     writer.add_uint32(D.KEY_LENGTH_OFFSET, D.LENGTH_OFFSET)
+
+
+def _add_capsfuse_metadata(writer: gguf.GGUFWriter, label: str, revision: str | None, digests: dict[str, str]) -> None:
+    from .writer import digest_json
+
+    add_capsfuse_defaults(writer)
     writer.add_string(D.KEY_SOURCE, label)
     writer.add_string(D.KEY_REVISION, revision or "local")
     writer.add_string(D.KEY_SOURCE_SHA256, digest_json(digests))

@@ -197,3 +197,81 @@ def make_llama_checkpoint(dir: str | Path, *, hidden: int = 64, intermediate: in
     state = {name: t.to(cast) if t.is_floating_point() else t for name, t in state.items()}
     _save_weights(folder, state, layout)
     return folder
+
+
+# -- a GGUF's weights as an HF checkpoint (for `capsfuse-lite bench --hf-checkpoint`) ---------------
+
+_HF_NAMES = {  # GGUF tensor (gguf-py's LLaMA names) -> HF LlamaForCausalLM parameter
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_SAFETENSORS_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{_HF_NAMES[parts[2]]}.weight"
+    return f"{_HF_NAMES[parts[0]]}.weight"
+
+
+def _to_bf16(values):
+    import numpy as np
+
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+
+
+def checkpoint_from_gguf(gguf_path: str | Path, folder: str | Path, *, dtype: str = "bfloat16",
+                         chunk_rows: int = 4096) -> Path:
+    """Write the GGUF's LLaMA weights, dequantized, as an HF checkpoint in upstream's style (4.28
+    config, CapsFus-LLaMA's tokenizer files, one ``model.safetensors`` of ``dtype``): the same
+    model for transformers. Q/K rows go back to HF's rotate_half order. Streams row chunks; no torch."""
+    import gguf
+    import numpy as np
+
+    from capsfuse_lite.convert.gguf_metadata import read_gguf_metadata
+    from capsfuse_lite.convert.llama import rope_row_order
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = read_gguf_metadata(gguf_path)
+    heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    config = _config_dict("4.28", meta["llama.embedding_length"], meta["llama.feed_forward_length"],
+                          meta["llama.block_count"], heads, kv_heads if kv_heads != heads else None, dtype, False)
+    config.update(max_position_embeddings=meta["llama.context_length"], vocab_size=meta["llama.vocab_size"],
+                  rms_norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+                  _name_or_path=str(meta.get("general.name", "bench-model")))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
+    _write_tokenizer(folder, "4.28")
+
+    tag, itemsize = _SAFETENSORS_DTYPES[dtype]
+    reader = gguf.GGUFReader(gguf_path)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in reader.tensors:
+        shape = [int(n) for n in reversed(tensor.shape)]  # GGUF lists ne0 (the row length) first
+        size = int(np.prod(shape)) * itemsize
+        header[_hf_name(tensor.name)] = {"dtype": tag, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(folder / "model.safetensors", "wb") as out:
+        out.write(len(blob).to_bytes(8, "little") + blob)
+        for tensor in reader.tensors:
+            kind = tensor.name.split(".")[-2]
+            rows = tensor.data if tensor.data.ndim > 1 else tensor.data.reshape(1, -1)
+            if kind in ("attn_q", "attn_k"):  # GGUF's interleaved rope pairs -> HF's rotate_half halves
+                weights = gguf.quants.dequantize(rows, tensor.tensor_type)
+                hf = np.empty_like(weights)
+                hf[rope_row_order(weights.shape[0], heads if kind == "attn_q" else kv_heads)] = weights
+                chunks = [hf]
+            else:
+                chunks = (gguf.quants.dequantize(rows[i:i + chunk_rows], tensor.tensor_type)
+                          for i in range(0, rows.shape[0], chunk_rows))
+            for chunk in chunks:
+                out.write((_to_bf16(chunk) if dtype == "bfloat16" else chunk.astype(np.float32)).tobytes())
+    return folder

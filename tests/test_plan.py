@@ -100,3 +100,9 @@ def test_auto_layout_prefers_streams_unless_memory_makes_them_much_smaller(monke
     beams_unified, _ = plan.choose_layout(requested="auto", shape=LLAMA_13B, beams=3, kv_unified=None,
                                           kv_type="f16", device=gpu(70), **ROW)
     assert beams_unified
+
+
+def test_a_gpu_that_reports_no_memory_gets_the_gpu_knee(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAPSFUSE_LITE_CACHE", str(tmp_path))
+    choice = auto({"description": "Some GPU", "free": None, "total": None}, beams=1, unified=False)
+    assert choice.slots == plan.DEFAULT_KNEE[("gpu", 1)] and "not reported" in choice.reason
