@@ -64,7 +64,7 @@ def main() -> int:
         for out_type in args.types.split(","):
             out = args.workdir / f"{shape}-{out_type}.gguf"
             command = [sys.executable, "-m", "capsfuse_lite", "bench-model", "-o", str(out), "--shape", shape,
-                       "--type", out_type, "--force", "--no-progress"]
+                       "--type", out_type, "--force", "--quiet"]
             seconds, rss, status, cpu = run_measured(command)
             if status != 0:
                 raise SystemExit(f"bench-model {shape} {out_type} failed (exit {status})")

@@ -452,6 +452,7 @@ def write_bench_model(path: str | os.PathLike, shape: str | BenchShape = "13b", 
     """
     from .convert.progress import ConvertProgress, human_bytes
     from .convert.writer import check_free_space, check_output_path, remove_quietly, temp_path
+    from .outputs import check_output_folder, make_output_folder
 
     bench = bench_shape(shape)
     out_type = check_out_type(out_type)
@@ -459,8 +460,9 @@ def write_bench_model(path: str | os.PathLike, shape: str | BenchShape = "13b", 
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(path).expanduser().resolve()
     check_output_path(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)
     vocab = bench_vocab()
+    make_output_folder(out)
     tensors = plan_bench_tensors(bench, out_type, len(vocab))
     total = sum(t.nbytes for t in tensors)
     check_free_space(out.parent, total + _HEADER_ALLOWANCE, f"writing a {human_bytes(total)} bench model")

@@ -91,7 +91,7 @@ def bench(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One log line per configuration instead of a status line (the default when stderr is not a terminal).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help=HELP_VERBOSE)] = False,
 ) -> None:
-    """Measure rows/s and memory per slot count against the baselines.
+    """Measure rows/s and memory per slot count.
 
     Runs the same rows through the engine at each slot count, greedy and with beams, and through
     the baselines, in one process; prints a table, writes the report and recommends --slots.

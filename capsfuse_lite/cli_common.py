@@ -116,7 +116,8 @@ class HelpCommand(typer.core.TyperCommand):
         default = param.default
         help_text = param.help or ""
         flag = getattr(param, "is_flag", False)
-        if (default not in (None, False, "", (), []) and not flag and param.show_default is not False
+        unset = default is None or default is False or default in ("", (), [])
+        if (not unset and not flag and param.show_default is not False
                 and "[default:" not in help_text and not callable(default)):
             extra.append(f"default: {default}")
         if param.required and param.param_type_name == "option":

@@ -24,7 +24,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help=HELP_FORCE)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=HELP_QUIET)] = False,
 ) -> None:
-    """Convert a LLaMA checkpoint (CapsFus-LLaMA) to a GGUF for fuse.
+    """Convert CapsFus-LLaMA (a LLaMA checkpoint) to a GGUF.
 
     Tensors are streamed one by one: memory stays flat whatever the checkpoint's size, and torch is
     not needed. OUTPUT appears only when complete.

@@ -130,7 +130,7 @@ def fuse(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=HELP_QUIET)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help=HELP_VERBOSE)] = False,
 ) -> None:
-    """Fuse each row's alt-text and synthetic caption into one caption.
+    """Fuse each row's two captions into one caption.
 
     Every input row gets a CapsFusion caption (column --output-field), in input order, every input
     column kept. Rows are journaled as they finish: after a crash or Ctrl-C, the same command (or --resume)

@@ -33,7 +33,7 @@ def prompts(
     force: Annotated[bool, typer.Option("--force", help=HELP_FORCE)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help=HELP_VERBOSE)] = False,
 ) -> None:
-    """Write every row's exact model input (prompt, token ids).
+    """Write every row's exact model input (prompt, tokens).
 
     The prompt text and token ids fuse will use, under upstream's 256-token rule (which rows are
     truncated, which are skipped and why), before any GPU time is spent. Only the model's

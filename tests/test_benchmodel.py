@@ -285,7 +285,7 @@ def test_cli_writes_a_custom_shape_and_reports_errors_in_one_line(tmp_path):
     out = tmp_path / "custom.gguf"
     runner = CliRunner()
     result = runner.invoke(app, ["bench-model", "-o", str(out), "--shape", "tiny", "--type", "q4_0", "--layers", "3",
-                                 "--kv-heads", "2", "--seed", "7", "--no-progress"])
+                                 "--kv-heads", "2", "--seed", "7", "--quiet"])
     assert result.exit_code == 0, result.output
     meta = read_gguf_metadata(out)
     assert (meta["llama.block_count"], meta["llama.attention.head_count_kv"]) == (3, 2)

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from capsfuse_lite.cli import app
 
 FIXTURES = Path(__file__).parent / "fixtures"
-COMMANDS = ("convert", "info", "prompts", "fuse", "merge", "bench")
+COMMANDS = ("convert", "info", "prompts", "fuse", "merge", "bench", "bench-model")
 
 
 @pytest.fixture(autouse=True)
@@ -256,6 +256,15 @@ CASES = [
     Case("bench-unknown-extension", lambda f, t: ["bench", "-m", f.model, "-o", t / "b.json",
                                                   "-i", _write(t / "in.txt", "x")], "cannot tell the input format"),
     Case("bench-missing-model", lambda f, t: ["bench", "-m", t / "no.gguf", "-o", t / "b.json"], "no such file"),
+    # bench-model
+    Case("bench-model-shape", lambda f, t: ["bench-model", "-o", t / "m.gguf", "--shape", "huge"], "--shape"),
+    Case("bench-model-type", lambda f, t: ["bench-model", "-o", t / "m.gguf", "--shape", "tiny", "--type", "q3_k"],
+         "--type"),
+    Case("bench-model-heads", lambda f, t: ["bench-model", "-o", t / "m.gguf", "--shape", "tiny", "--heads", "5"],
+         "must split into 5 heads"),
+    Case("bench-model-existing-output", lambda f, t: ["bench-model", "-o", f.model, "--shape", "tiny"],
+         "already exists"),
+    Case("bench-model-seed", lambda f, t: ["bench-model", "-o", t / "m.gguf", "--seed", "-1"], "--seed"),
     # info
     Case("info-truncated", lambda f, t: ["info", f.truncated], "truncated"),
     Case("info-missing", lambda f, t: ["info", t / "no.gguf"], "does not exist"),
@@ -365,7 +374,7 @@ def test_help_reads_well(command, width):
     assert max(map(len, text.splitlines())) <= width
     flags, metavars = offered(command)
     assert "--progress" not in flags and "--no-progress" not in flags
-    if command in ("convert", "fuse", "bench"):  # the commands that draw progress: one flag, one spelling
+    if command in ("convert", "fuse", "bench", "bench-model"):  # the commands that draw progress: one spelling
         assert "-q, --quiet" in text
     for line in text.split("Options:")[1].splitlines():  # every option that takes a value names it in CAPS
         first = re.split(r"\s{2,}", line.strip())[0]
