@@ -591,7 +591,7 @@ def probe_eos(model_path: str | os.PathLike, pairs: list[tuple[str, str]], steps
                     token = int(np.argmax(logits))
                     chosen.add(token)
                     batch.clear()
-                    index = batch.add(token, len(ids) + step, [0], logits=True)
+                    index = batch.add(token, len(ids) + step, 0, logits=True)
     probe.mean_logit_std = float(np.mean(spreads)) if spreads else 0.0
     probe.distinct_tokens = len(chosen)
     return probe
