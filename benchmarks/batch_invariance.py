@@ -98,6 +98,51 @@ class Reference:
         return out
 
 
+def batch_noise(model: Path, pairs, *, width: int = 8, steps: int = 32, threads: int = 1) -> dict:
+    """The logits of one sequence decoded alone vs beside ``width - 1`` others, step by step, with
+    the same input tokens (the lone run's greedy choices are fed to both): how far batch composition
+    moves a row's logits, and how large the top-2 margins are along the way."""
+    import numpy as np
+
+    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.llama import Batch, Context, Model
+
+    preview = PromptPreview(model)
+    prompts = [preview.build(*pair).token_ids for pair in pairs[:width]]
+    preview.close()
+    m = Model(model)
+    try:
+        def run(n_seq: int, forced: list[int] | None) -> tuple[list, list[int]]:
+            ctx = Context(m, n_ctx=512 * n_seq, n_batch=512 * n_seq, n_seq_max=n_seq, n_threads=threads)
+            batch = Batch(512 * n_seq)
+            last = [batch.add_sequence(prompts[k], 0, k, True) for k in range(n_seq)]
+            ctx.decode(batch)
+            rows, chosen, pos = [], [], [len(p) for p in prompts[:n_seq]]
+            for step in range(steps):
+                logits = [np.array(ctx.logits(i), dtype=np.float64) for i in last]
+                rows.append(logits[0])
+                token0 = int(np.argmax(logits[0])) if forced is None else forced[step]
+                chosen.append(token0)
+                batch.clear()
+                last = [batch.add(token0 if k == 0 else int(np.argmax(logits[k])), pos[k], k, True) for k in range(n_seq)]
+                pos = [q + 1 for q in pos]
+                ctx.decode(batch)
+            ctx.close()
+            batch.close()
+            return rows, chosen
+
+        alone, path = run(1, None)
+        shared, _ = run(width, path)
+    finally:
+        m.close()
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(alone, shared)]
+    margins = [float(np.diff(np.sort(a)[-2:])[0]) for a in alone]
+    return {"width": width, "steps": steps, "max_abs_logit_diff": max(diffs),
+            "median_abs_logit_diff": float(np.median(diffs)), "logit_std": float(np.mean([a.std() for a in alone])),
+            "top2_margin_median": float(np.median(margins)), "top2_margin_min": min(margins),
+            "argmax_flips": sum(int(np.argmax(a) != np.argmax(b)) for a, b in zip(alone, shared))}
+
+
 def compare(model: Path, pairs, *, beams: int, slots: tuple[int, int], max_new_tokens: int, threads: int,
             tie: float, reference: Reference) -> dict:
     runs, seconds = [], []
@@ -132,12 +177,21 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tie", type=float, default=1e-3, help="margin (logits) below which a choice is a near-tie")
+    ap.add_argument("--noise-only", action="store_true", help="only measure how far batch composition moves logits")
     ap.add_argument("-o", "--output", type=Path, help="per-row details as JSON")
     args = ap.parse_args(argv)
     slots = tuple(int(s) for s in args.slots.split(","))
     pairs = sample_pairs(args.rows)
+    noise = batch_noise(args.model, pairs, width=slots[1], steps=args.max_new_tokens, threads=args.threads)
+    print(f"batch noise, one row alone vs beside {noise['width'] - 1} others over {noise['steps']} steps: logits move "
+          f"by up to {noise['max_abs_logit_diff']:.2e} (median {noise['median_abs_logit_diff']:.2e}; logits' std "
+          f"{noise['logit_std']:.2f}); top-2 margin median {noise['top2_margin_median']:.3f}, smallest "
+          f"{noise['top2_margin_min']:.2e}; argmax flips {noise['argmax_flips']}", flush=True)
+    if args.noise_only:
+        return 0
     reference = Reference(args.model, args.threads)
-    report = {"model": str(args.model), "max_new_tokens": args.max_new_tokens, "tie": args.tie, "results": []}
+    report = {"model": str(args.model), "max_new_tokens": args.max_new_tokens, "tie": args.tie, "noise": noise,
+              "results": []}
     for beams in (int(b) for b in args.beams.split(",")):
         result = compare(args.model, pairs, beams=beams, slots=slots, max_new_tokens=args.max_new_tokens,
                          threads=args.threads, tie=args.tie, reference=reference)
