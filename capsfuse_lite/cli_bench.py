@@ -138,7 +138,7 @@ def bench(
             with console.status(plain("benchmarking")) as status:
                 report = run_bench(opts, progress=lambda text: status.update(plain(f"benchmarking {text}")))
         write_report(report, output)
-        Console(highlight=False).print(report_table(report))
+        print_report_table(report, Console(highlight=False))
         for rec in report["recommended_slots"]:
             console.print(plain(f"recommended --slots for {rec['device']}, beams={rec['beams']}: {rec['slots']} ({rec['reason']})"))
         stored = remember_recommendations(report)
@@ -150,6 +150,15 @@ def bench(
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def print_report_table(report: dict, console) -> None:
+    """Print :func:`report_table` on ``console`` without cutting a figure: a log or a pipe gets the
+    table at its natural width; a terminal too narrow for every figure gets lines it wraps."""
+    table = report_table(report)
+    need = console.measure(table, options=console.options.update_width(1000))
+    console.width = max(console.width, need.minimum if console.is_terminal else need.maximum)
+    console.print(table)
 
 
 def report_table(report: dict):
@@ -167,18 +176,14 @@ def report_table(report: dict):
                               f"{s['rows']} rows, max {s['max_new_tokens']} new tokens, {s['n_threads']} threads, "
                               f"median of {s['repeats']}"))
     steps = any(r.get("host_ms_per_step") is not None for r in results)
-    for col in ("configuration", "rows/s", "gen tok/s", "prompt tok/s", "first result s", "peak RSS MiB"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
-    if steps:
-        table.add_column("host ms/step", justify="right")
-        table.add_column("device ms/step", justify="right")
-    if gpu:
-        table.add_column("GPU MiB", justify="right")
-    for b in ratio_cols:
-        table.add_column(f"x {b}", justify="right")
+    names = ["configuration", "rows/s", "gen tok/s", "prompt tok/s", "first result s", "peak RSS MiB"]
+    names += ["host ms/step", "device ms/step"] if steps else []
+    names += ["GPU MiB"] if gpu else []
+    names += [f"x {b}" for b in ratio_cols]
+    rows = []
     for r in results:
         if r["status"] != "ok":
-            table.add_row(plain(r["name"]), plain("failed", f": {r.get('error', '')}", style="red"))
+            rows.append([plain(r["name"]), plain("failed", f": {r.get('error', '')}", style="red")])
             continue
         cells = [r["name"], _fmt(r["rows_per_s"], ".2f"), _fmt(r["generated_tokens_per_s"], ".1f"),
                  _fmt(r["prompt_tokens_per_s"], ".0f"), _fmt(r["time_to_first_result_s"], ".2f"),
@@ -188,7 +193,12 @@ def report_table(report: dict):
         if gpu:
             cells.append(_fmt(r.get("peak_gpu_mib"), ".0f"))
         cells += [_fmt(r["ratios"].get(b), ".2f") for b in ratio_cols]
-        table.add_row(*map(plain, cells))
+        rows.append([plain(c) for c in cells])
+    for k, name in enumerate(names):  # values are never cut: a narrow terminal wraps headers, not figures
+        widest = max([len(row[k]) for row in rows if len(row) == len(names)] or [0])
+        table.add_column(name, justify="left" if k == 0 else "right", no_wrap=k == 0, min_width=widest)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

@@ -418,3 +418,25 @@ def test_the_command_list_shows_each_summary_whole():
     listed = result.stdout.split("Commands:")[1].strip().splitlines()
     assert [line.split()[0] for line in listed] == list(COMMANDS)
     assert not any(line.endswith("...") for line in listed), listed
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_bench_table_never_cuts_a_figure(terminal):
+    import io
+
+    from rich.console import Console
+
+    from capsfuse_lite.cli_bench import print_report_table
+
+    figures = {"rows_per_s": 123.456, "generated_tokens_per_s": 9876.54, "prompt_tokens_per_s": 54321.0,
+               "time_to_first_result_s": 12.345, "peak_rss_mib": 4321.0, "host_ms_per_step": 1.234,
+               "device_ms_per_step": 648.06, "ratios": {"llama-cpp-python-loop": 1.74}}
+    report = {"model": {"path": "/m/cpu768.gguf", "quant": "q8_0"},
+              "settings": {"rows": 16, "max_new_tokens": 16, "n_threads": 2, "repeats": 2},
+              "results": [{"name": "cpu llama-cpp-python-loop", "status": "ok", **figures, "ratios": {}},
+                          {"name": "cpu slots=8 beams=3 cache=off", "status": "ok", **figures}]}
+    console = Console(file=io.StringIO(), width=80, force_terminal=terminal, color_system=None)
+    print_report_table(report, console)
+    text = console.file.getvalue()
+    for shown in ("cpu slots=8 beams=3 cache=off", "123.46", "9876.5", "54321", "12.35", "4321", "648.06", "1.74"):
+        assert shown in text, shown
