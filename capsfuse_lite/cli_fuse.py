@@ -11,7 +11,7 @@ import typer
 
 from . import defaults
 from .cli_common import (HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_OUTPUT_FORMAT, HELP_QUIET, HELP_RAW_FIELD,
-                  HELP_SYNTHETIC_FIELD, HELP_VERBOSE, help_threads)
+                         HELP_SYNTHETIC_FIELD, HELP_VERBOSE, help_threads)
 from .plan import DEFAULT_KNEE
 from .records import csv_delimiter_name, parse_csv_delimiter
 
