@@ -37,8 +37,12 @@ prompt occupying ``P`` positions of ``input_ids``. Upstream CapsFusion left-padd
   - a hypothesis finished by EOS at step ``n`` is ``input_ids`` *before* the EOS and scores
     ``sum_logprobs / (P + n - 1)**lp``;
   - after each step: stop once ``N`` hypotheses are finished and the best of all ``2N``
-    candidates (EOS ones included) gives ``score / (P + n - 1)**lp <= worst finished``
-    (``cur_len`` is read before the step's token is appended);
+    candidates (EOS ones included) gives ``score / (P + n)**lp <= worst finished``
+    (``BeamSearchScorer.process`` adds 1 to ``cur_len`` before calling ``is_done``; found by the
+    transformers 4.28.1 reference in tests/fixtures). 4.28.1 adds that 1 once per unfinished row
+    of the batch, so in a batch the row at position j divides by ``P + n + j'`` (j' unfinished
+    rows before it): a row's stopping step depended on its batch partners upstream. A row-by-row
+    engine cannot copy that; this is the row on its own (no output of the reference data changes);
   - if ``max_new_tokens`` is reached without that stop, the ``N`` running beams are added with
     ``sum_logprobs / (P + n)**lp`` (``finalize`` sees the full sequence).
 
@@ -417,7 +421,7 @@ class BeamSearch:
             raise RuntimeError("fewer running beams than num_beams: more than N EOS candidates in the top 2N")
         self.running = new_running
         best = candidates[0][0]
-        if len(self.finished) >= n_beams and self._worst_finished() >= self._norm(best, offset + n_before):
+        if len(self.finished) >= n_beams and self._worst_finished() >= self._norm(best, offset + self.n):
             self.done = True
         elif self.n >= self.max_new_tokens:
             for beam in self.running:
