@@ -13,6 +13,7 @@ from . import defaults
 from .records import csv_delimiter_name
 
 EXIT_INTERRUPTED = 130
+_LISTED = 50  # failed shards listed at the end of a dataset run
 
 
 def _resume_command(cfg, resume: bool = True, inputs: list | None = None, extra: tuple = ()) -> str:
@@ -186,8 +187,10 @@ def _fuse_dataset(inputs: list[Path], output: Path, settings: dict, model: Optio
 
         error_line(f"{len(summary.failed)} of {summary.shards_total} shards failed (the others are "
                    f"{'complete' if not summary.shards_left else 'complete or saved'}); fix them and rerun the same command:")
-        for rel, reason in summary.failed:
+        for rel, reason in summary.failed[:_LISTED]:
             typer.echo(f"  {rel}: {reason}", err=True)
+        if len(summary.failed) > _LISTED:
+            typer.echo(f"  ... and {len(summary.failed) - _LISTED} more (each was named as it failed)", err=True)
         raise typer.Exit(2)
     if not summary.complete:
         _interrupted(stopper, how_to_resume)

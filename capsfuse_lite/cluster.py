@@ -125,7 +125,7 @@ class WorkerEngine:
         self.fuser = fuser_factory(Path(cfg.model), **fuser_kwargs(cfg, base))
         self.stream: ShardStream | None = None
         self._queue: collections.deque = collections.deque()
-        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._futures: dict[int, tuple[Any, concurrent.futures.Future]] = {}  # id(run) -> (run, its Future)
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="capsfuse-engine", daemon=True)
@@ -171,10 +171,9 @@ class WorkerEngine:
             try:
                 self.stream.run()
             except BaseException as exc:  # a full disk, or a bug: the shards this worker holds fail with it
-                reason = str(exc) if isinstance(exc, CapsfuseError) else f"{type(exc).__name__}: {exc}"
                 futures, self._futures = self._futures, {}
-                for future in futures.values():
-                    future.set_result(ShardOutcome("", "failed", reason))
+                for run, future in futures.values():
+                    future.set_result(ShardOutcome(run.label, "failed", _reason(exc), worker=os.getpid()))
             finally:
                 self.stream = None
 
@@ -184,15 +183,22 @@ class WorkerEngine:
                 if self._stop or not self._queue:
                     return None
                 shard, future = self._queue.popleft()
-            got = open_shard(self.cfg, shard, self.base, self.model_meta, self.progress, lock_wait=self.lock_wait)
+            try:
+                got = open_shard(self.cfg, shard, self.base, self.model_meta, self.progress, lock_wait=self.lock_wait)
+            except BaseException as exc:  # a full disk (or a bug): the stream ends, this shard with it
+                future.set_result(ShardOutcome(shard.rel, "failed", _reason(exc), worker=os.getpid()))
+                raise
             if isinstance(got, ShardOutcome):
+                got.worker = os.getpid()
                 future.set_result(got)
                 continue
-            self._futures[id(got)] = future
+            self._futures[id(got)] = (got, future)
             return got
 
     def _done(self, run, error: BaseException | None) -> None:
-        self._futures.pop(id(run)).set_result(ShardOutcome.of(run, error))
+        outcome = ShardOutcome.of(run, error)
+        outcome.worker = os.getpid()
+        self._futures.pop(id(run))[1].set_result(outcome)
 
 
 class FuseWorker:
@@ -248,7 +254,9 @@ class RayDatasetRun(DatasetRun):
         super().__init__(config, progress=progress)
         self.options = options or RayOptions()
         self.on_ready = on_ready
-        self.workers: list = []
+        self.workers: list = []  # actor handles while the run executes
+        self.worker_info: list[dict] = []  # pid, node of each worker once it loaded the model
+        self.by_worker: collections.Counter = collections.Counter()  # shards written per worker process
 
     def prepare(self) -> list[Shard]:
         import_ray()
@@ -357,6 +365,7 @@ class RayDatasetRun(DatasetRun):
         self._pids = [info["pid"] for info in infos]
         self.progress.t0 = time.monotonic()  # rates from here: not the cluster's start nor the model loads
         self.summary.workers = workers
+        self.progress.note(f"{workers} Ray worker(s) ready: " + ", ".join(f"pid {i['pid']} on {i['node']}" for i in infos))
         reason = infos[0]["settings"].get("slots_reason")
         if reason:
             self.progress.note(reason)
@@ -397,10 +406,7 @@ class RayDatasetRun(DatasetRun):
                 lost.append(_last_line(exc))
                 outcome = None
             if outcome is not None:
-                if outcome.rel in by_rel:
-                    self._record(by_rel.pop(outcome.rel), outcome)
-                else:  # a worker's engine failed as a whole (e.g. a full disk)
-                    lost.append(outcome.error or "a worker's engine failed")
+                self._record(by_rel.pop(outcome.rel), outcome)
             fill()
             if time.monotonic() - last_poll >= POLL_S:
                 last_poll = time.monotonic()
@@ -410,7 +416,11 @@ class RayDatasetRun(DatasetRun):
             if shard.rel in by_rel:
                 self._record(by_rel.pop(shard.rel),
                              ShardOutcome(shard.rel, "failed", f"its Ray worker died and was given up ({reason})"))
-        self.summary.shards_left += len(by_rel)  # never handed out: the run was stopped
+        if self._stop:
+            self.summary.shards_left += len(by_rel)  # never handed out: the run was stopped
+        else:
+            for shard in list(by_rel.values()):  # never handed out: every worker was given up
+                self._record(by_rel.pop(shard.rel), ShardOutcome(shard.rel, "failed", f"no Ray worker left ({reason})"))
         self._show()
 
     # -- progress --------------------------------------------------------------------------------
@@ -418,6 +428,8 @@ class RayDatasetRun(DatasetRun):
     def _record(self, shard: Shard, outcome: ShardOutcome) -> None:
         self.summary.add(outcome)
         self._ended.add(shard.rel)
+        if outcome.status == "done":
+            self.by_worker[outcome.worker] += 1
         if outcome.status == "failed":
             self.progress.note(f"shard {shard.rel} failed: {outcome.error}")
             self._tally.forget(shard)
@@ -460,6 +472,10 @@ class RayDatasetRun(DatasetRun):
         progress.set_total(*self._tally.total(sum(rows for rows, _, _ in opened.values()),
                                               sum(self._sizes.get(rel, 0) for rel in opened)))
         progress.set_shards(summary.shards_done + summary.shards_skipped, summary.shards_total, len(summary.failed))
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, CapsfuseError) else f"{type(exc).__name__}: {exc}"
 
 
 def _last_line(exc: BaseException) -> str:

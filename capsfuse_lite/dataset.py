@@ -212,6 +212,7 @@ class ShardOutcome:
     fuse_s: float = 0.0
     model: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    worker: int | None = None  # on Ray: the pid of the worker process that ended it
 
     @classmethod
     def of(cls, run: FuseRun, error: BaseException | None = None, status: str | None = None) -> "ShardOutcome":
