@@ -41,17 +41,24 @@ from capsfuse_lite.machine import _busy_cpu_s, machine_info  # noqa: E402
 
 class TreeLoadMeter:
     """Cores kept busy by processes outside this process tree while the block runs. The tree (this
-    process and its descendants: Ray's raylet, GCS and workers) is sampled every ``interval`` s, so
-    the CPU of a child that ends meanwhile is counted up to its last sample."""
+    process and, with ``children``, its descendants: Ray's raylet, GCS and workers) is sampled every
+    ``interval`` s from a thread, so the CPU of a child that ends meanwhile is counted up to its last
+    sample. Without ``children`` (the plain run) nothing is sampled meanwhile: a thread scanning
+    /proc in the process that fuses would slow it down."""
 
-    def __init__(self, interval: float = 0.25):
-        self.interval = interval
+    def __init__(self, children: bool = True, interval: float = 1.0):
+        self.children, self.interval = children, interval
         self.foreign_load: float | None = None
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._stop = threading.Event()
 
     def _sample(self) -> None:
+        if not self.children:
+            t = os.times()
+            self._first.setdefault(0, t.user + t.system)
+            self._last[0] = t.user + t.system
+            return
         for pid, cpu in _tree_cpu(os.getpid()).items():
             self._first.setdefault(pid, cpu)
             self._last[pid] = cpu
@@ -64,13 +71,15 @@ class TreeLoadMeter:
         self._busy0, self._t0 = _busy_cpu_s(), time.monotonic()
         self._sample()
         self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        if self.children:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._sample()
         self._stop.set()
-        self._thread.join()
+        if self.children:
+            self._thread.join()
         busy, wall = _busy_cpu_s(), time.monotonic() - self._t0
         if self._busy0 is None or busy is None or wall <= 0:
             return
@@ -134,7 +143,7 @@ def plain_pass(args, data: Path, out: Path) -> dict:
     run.prepare()
     run.check_model()
     run.fingerprint()  # hashed before the clock starts
-    with TreeLoadMeter() as meter:
+    with TreeLoadMeter(children=False) as meter:
         summary = run.execute()
         end = time.monotonic()
     return {"rows": summary.rows_total, "seconds": end - loaded["t"], "foreign_cpu_load": meter.foreign_load,

@@ -69,7 +69,7 @@ class _StopOnSignal:
 
 
 def fuse(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Caption file: .json (array of objects, upstream's format), .jsonl, .csv or .parquet; the first three may be .gz or .zst compressed (rows.jsonl.gz). Or a dataset: a folder, a quoted glob ('data/**/*.parquet') or several files; each file then gives one output file under OUTPUT (a folder), at the same relative path.")],
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT", help="Caption file: .json (array of objects, upstream's format), .jsonl, .csv or .parquet; the first three may be .gz or .zst compressed (rows.jsonl.gz). Or a dataset: a folder, a quoted glob ('data/**/*.parquet') or several files; each file then gives one output file under OUTPUT (a folder), at the same relative path.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (format from the extension); OUTPUT.meta.json is written beside it. For a dataset: the output folder.")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF model. Default: CapsFus-LLaMA q4_k_m in ~/.cache/capsfuse-lite/, converted on first use.")] = None,
     input_format: Annotated[Optional[str], typer.Option(help="Input format (json, jsonl, csv, parquet) instead of the extension.")] = None,

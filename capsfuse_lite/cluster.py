@@ -50,6 +50,7 @@ import collections
 import concurrent.futures
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -110,6 +111,14 @@ class RayOptions:
         return out
 
 
+class _WorkerNotes(Progress):
+    """A worker's progress: counts only; notes (a torn journal cut, a replaced column) are printed to
+    the worker's stderr, which Ray shows on the driver's console."""
+
+    def note(self, text: str) -> None:
+        print(f"capsfuse-lite: {text}", file=sys.stderr, flush=True)
+
+
 class WorkerEngine:
     """A worker's engine thread: one :class:`ShardStream` at a time over the shards submitted to it.
 
@@ -121,7 +130,7 @@ class WorkerEngine:
     def __init__(self, cfg: DatasetConfig, base: dict, model_meta: dict, *,
                  fuser_factory: Callable[..., Any] = default_fuser_factory, lock_wait: float = LOCK_WAIT_S):
         self.cfg, self.base, self.model_meta, self.lock_wait = cfg, base, model_meta, lock_wait
-        self.progress = Progress()  # counts only: the driver shows the progress
+        self.progress = _WorkerNotes()  # counts rows (the driver shows the progress); notes go to the log
         self.fuser = fuser_factory(Path(cfg.model), **fuser_kwargs(cfg, base))
         self.stream: ShardStream | None = None
         self._queue: collections.deque = collections.deque()
@@ -283,7 +292,7 @@ class RayDatasetRun(DatasetRun):
         self._sizes = {s.rel: s.size for s in self.shards}
         self._done_rows = self._run_rows = 0  # rows of the shards done or skipped; of those, fused by this run
         self._open: dict[int, list] = {}  # worker index -> its open shards (last answer)
-        self._rows_seen: dict[tuple, int] = {}  # (worker index, pid) -> generated tokens
+        self._tokens_seen: dict[tuple, int] = {}  # (worker index, pid) -> generated tokens
         self._ended: set[str] = set()  # shards with an outcome
         todo = []
         for shard in self.shards:  # complete outputs need no worker (nor a cluster, if all are)
@@ -454,7 +463,7 @@ class RayDatasetRun(DatasetRun):
                                    "its shards resume from their journals")
                 self._pids[index] = pid
             self._open[index] = answer.get("open", [])
-            self._rows_seen[(index, pid)] = answer.get("tokens", 0)
+            self._tokens_seen[(index, pid)] = answer.get("tokens", 0)
         asked = set(stats.values())
         for index, worker in enumerate(self.workers):
             if index not in asked:
@@ -467,7 +476,7 @@ class RayDatasetRun(DatasetRun):
         opened = {rel: (rows, done, resumed) for answers in self._open.values()
                   for rel, rows, done, resumed in answers if rel not in self._ended}
         done = self._done_rows + sum(d for _, d, _ in opened.values())
-        tokens = max(sum(self._rows_seen.values()), summary.generated_tokens)
+        tokens = max(sum(self._tokens_seen.values()), summary.generated_tokens)
         progress.update(done, self._run_rows + sum(d - r for _, d, r in opened.values()), tokens)
         progress.set_total(*self._tally.total(sum(rows for rows, _, _ in opened.values()),
                                               sum(self._sizes.get(rel, 0) for rel in opened)))

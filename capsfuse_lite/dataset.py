@@ -330,25 +330,7 @@ class ShardStream:
     def run(self) -> None:
         pairs = self._feed()
         try:
-            first = next(pairs, None)  # shards needing no engine work are finished on the way
-            if first is None or self._stop:
-                return
-            self.fuser = self.get_fuser()
-            if self._stop:
-                return
-            for result in self.fuser.fuse(chain([first], pairs), ordered=False):
-                run, position = self._where.pop(result.index)
-                if run not in self.open:
-                    continue  # its shard failed meanwhile
-                try:
-                    run.take(position, result)
-                except DiskSpaceError:
-                    raise
-                except CapsfuseError as exc:
-                    self._fail(run, exc)
-                    continue
-                if run.settled:
-                    self._finish(run)
+            self._stream(pairs)
         except BaseException:
             pairs.close()
             for run in self.open:
@@ -364,6 +346,27 @@ class ShardStream:
                 self.on_done(run, exc)
                 continue
             self.on_done(run, None)
+
+    def _stream(self, pairs: Iterator[tuple[str, str]]) -> None:
+        first = next(pairs, None)  # shards needing no engine work are finished on the way
+        if first is None or self._stop:
+            return
+        self.fuser = self.get_fuser()
+        if self._stop:
+            return
+        for result in self.fuser.fuse(chain([first], pairs), ordered=False):
+            run, position = self._where.pop(result.index)
+            if run not in self.open:
+                continue  # its shard failed meanwhile
+            try:
+                run.take(position, result)
+            except DiskSpaceError:
+                raise
+            except CapsfuseError as exc:
+                self._fail(run, exc)
+                continue
+            if run.settled:
+                self._finish(run)
 
     def _feed(self) -> Iterator[tuple[str, str]]:
         position = 0
@@ -500,6 +503,9 @@ class DatasetRun:
         cfg = self.config
         if cfg.output.exists() and not cfg.output.is_dir():
             raise ConfigError(f"{cfg.output} is a file; a dataset's output is a folder (-o OUTPUT_DIR)")
+        if not cfg.output.exists() and split_compression(cfg.output.name)[0].suffix.lower() in _EXTENSIONS:
+            raise ConfigError(f"-o {cfg.output}: a dataset (a folder, a glob or several files) is written to a folder, "
+                              "one output file per input file; name a folder (or fuse one file at a time)")
         self.root, shards = find_shards(cfg.inputs, cfg.output, input_format=cfg.input_format,
                                         output_format=cfg.output_format)
         if cfg.shard:

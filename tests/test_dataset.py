@@ -193,6 +193,9 @@ def test_dataset_settings_that_cannot_work_are_refused(tmp_path, sample_rows):
     (tmp_path / "file.jsonl").write_text("")
     with pytest.raises(ConfigError, match="is a file; a dataset's output is a folder"):
         run_dataset(tmp_path / "data", tmp_path / "file.jsonl")
+    with pytest.raises(ConfigError, match="is written to a folder, one output file per input file"):
+        run_dataset(tmp_path / "data", tmp_path / "merged.jsonl")  # several files are not concatenated
+    assert not (tmp_path / "merged.jsonl").exists()
 
 
 def test_finished_shards_are_skipped_and_other_outputs_are_not_overwritten(tmp_path, sample_rows):
