@@ -334,8 +334,11 @@ class RayDatasetRun(DatasetRun):
         try:
             ray.init(**({"address": address} if address else {}), logging_level=logging.WARNING)
         except ConnectionError as exc:
-            raise ConfigError(f"cannot connect to the Ray cluster at {address}: {exc}; start it with `ray start --head` "
-                              "(and `ray start --address=HEAD:6379` on the other nodes)") from None
+            auth = ("" if os.environ.get("RAY_AUTH_MODE") else
+                    "; if it runs (Ray's token authentication is on by default), copy the head node's ~/.ray/auth_token "
+                    "here and set RAY_AUTH_MODE=token")
+            raise ConfigError(f"cannot connect to the Ray cluster at {address or 'RAY_ADDRESS'}: {exc}; start it with "
+                              f"`ray start --head` (and `ray start --address=HEAD:6379` on the other nodes){auth}") from None
         return True
 
     def _start_workers(self, ray, shards: int) -> None:
