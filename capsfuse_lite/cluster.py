@@ -128,8 +128,10 @@ class WorkerEngine:
     """
 
     def __init__(self, cfg: DatasetConfig, base: dict, model_meta: dict, *,
-                 fuser_factory: Callable[..., Any] = default_fuser_factory, lock_wait: float = LOCK_WAIT_S):
+                 fuser_factory: Callable[..., Any] = default_fuser_factory, lock_wait: float = LOCK_WAIT_S,
+                 actor_id: str | None = None):
         self.cfg, self.base, self.model_meta, self.lock_wait = cfg, base, model_meta, lock_wait
+        self.actor_id = actor_id  # the Ray actor this engine runs in (None outside Ray)
         self.progress = _WorkerNotes()  # counts rows (the driver shows the progress); notes go to the log
         self.fuser = fuser_factory(Path(cfg.model), **fuser_kwargs(cfg, base))
         self.stream: ShardStream | None = None
@@ -182,7 +184,7 @@ class WorkerEngine:
             except BaseException as exc:  # a full disk, or a bug: the shards this worker holds fail with it
                 futures, self._futures = self._futures, {}
                 for run, future in futures.values():
-                    future.set_result(ShardOutcome(run.label, "failed", _reason(exc), worker=os.getpid()))
+                    future.set_result(self._mark(ShardOutcome(run.label, "failed", _reason(exc))))
             finally:
                 self.stream = None
 
@@ -195,19 +197,20 @@ class WorkerEngine:
             try:
                 got = open_shard(self.cfg, shard, self.base, self.model_meta, self.progress, lock_wait=self.lock_wait)
             except BaseException as exc:  # a full disk (or a bug): the stream ends, this shard with it
-                future.set_result(ShardOutcome(shard.rel, "failed", _reason(exc), worker=os.getpid()))
+                future.set_result(self._mark(ShardOutcome(shard.rel, "failed", _reason(exc))))
                 raise
             if isinstance(got, ShardOutcome):
-                got.worker = os.getpid()
-                future.set_result(got)
+                future.set_result(self._mark(got))
                 continue
             self._futures[id(got)] = (got, future)
             return got
 
     def _done(self, run, error: BaseException | None) -> None:
-        outcome = ShardOutcome.of(run, error)
-        outcome.worker = os.getpid()
-        self._futures.pop(id(run))[1].set_result(outcome)
+        self._futures.pop(id(run))[1].set_result(self._mark(ShardOutcome.of(run, error)))
+
+    def _mark(self, outcome: ShardOutcome) -> ShardOutcome:
+        outcome.worker, outcome.actor = os.getpid(), self.actor_id
+        return outcome
 
 
 class FuseWorker:
@@ -226,7 +229,9 @@ class FuseWorker:
             if size != model_size:
                 raise ModelLoadError(f"{cfg.model} is {size} bytes on this node but {model_size} where the command "
                                      "ran: every node must see the same model file (shared storage)")
-            self.engine = WorkerEngine(cfg, base, model_meta)
+            import ray
+
+            self.engine = WorkerEngine(cfg, base, model_meta, actor_id=ray.get_runtime_context().get_actor_id())
         except CapsfuseError as exc:
             self.error = str(exc)
         except OSError as exc:
@@ -237,6 +242,7 @@ class FuseWorker:
 
         engine = self.engine
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "error": self.error,
+                "actor": ray.get_runtime_context().get_actor_id(),
                 "settings": dict(getattr(engine.fuser, "settings", None) or {}) if engine else {}}
 
     async def fuse_shard(self, shard: Shard) -> ShardOutcome:
@@ -375,6 +381,8 @@ class RayDatasetRun(DatasetRun):
             raise ModelLoadError(errors[0])
         self.worker_info = infos
         self._pids = [info["pid"] for info in infos]
+        self._pids_seen = set(self._pids)
+        self._actors = {info["actor"]: index for index, info in enumerate(infos)}
         self.progress.t0 = time.monotonic()  # rates from here: not the cluster's start nor the model loads
         self.summary.workers = workers
         self.progress.note(f"{workers} Ray worker(s) ready: " + ", ".join(f"pid {i['pid']} on {i['node']}" for i in infos))
@@ -437,9 +445,20 @@ class RayDatasetRun(DatasetRun):
 
     # -- progress --------------------------------------------------------------------------------
 
+    def _seen_process(self, index: int | None, pid: int | None) -> None:
+        """Worker ``index`` answered from process ``pid``: a new process means Ray restarted it."""
+        if index is None or pid is None or pid in self._pids_seen:
+            return  # (a late answer from a process already replaced is not news)
+        self._pids_seen.add(pid)
+        self.progress.note(f"Ray worker {index} restarted (process {self._pids[index]} ended, now {pid}); "
+                           "its shards resume from their journals")
+        self._pids[index] = pid
+
     def _record(self, shard: Shard, outcome: ShardOutcome) -> None:
         self.summary.add(outcome)
         self._ended.add(shard.rel)
+        if outcome.actor is not None:
+            self._seen_process(self._actors.get(outcome.actor), outcome.worker)
         if outcome.status == "done":
             self.by_worker[outcome.worker] += 1
         if outcome.status == "failed":
@@ -461,10 +480,7 @@ class RayDatasetRun(DatasetRun):
             except ray.exceptions.RayError:
                 continue
             pid = answer.get("pid")
-            if pid is not None and pid != self._pids[index]:
-                self.progress.note(f"Ray worker {index} restarted (process {self._pids[index]} ended, now {pid}); "
-                                   "its shards resume from their journals")
-                self._pids[index] = pid
+            self._seen_process(index, pid)
             self._open[index] = answer.get("open", [])
             self._tokens_seen[(index, pid)] = answer.get("tokens", 0)
         asked = set(stats.values())

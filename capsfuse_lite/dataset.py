@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import CapsfuseError, ConfigError, DiskSpaceError, InputFileError, OutputExistsError
+from .journal import journal_path, remove_leftover
 from .progress import Progress
 from .records import _EXTENSIONS, detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
 from .runner import (COUNTS, FuseConfig, FuseRun, RowCounts, check_model_file, check_writable_folder, default_fuser_factory, fuser_kwargs,
@@ -213,6 +214,7 @@ class ShardOutcome:
     model: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     worker: int | None = None  # on Ray: the pid of the worker process that ended it
+    actor: str | None = None  # on Ray: the id of that worker's actor (the same after a restart)
 
     @classmethod
     def of(cls, run: FuseRun, error: BaseException | None = None, status: str | None = None) -> "ShardOutcome":
@@ -269,9 +271,12 @@ def finished_outcome(cfg: DatasetConfig, shard: Shard, base: dict) -> ShardOutco
     if cfg.force or not shard.output.exists():
         return None
     try:
-        return ShardOutcome(shard.rel, "skipped", rows=finished_rows(shard, cfg, base))
+        rows = finished_rows(shard, cfg, base)
     except CapsfuseError as exc:
         return ShardOutcome(shard.rel, "failed", str(exc))
+    if journal_path(shard.output).exists():  # killed between publishing the output and deleting its journal
+        remove_leftover(journal_path(shard.output))
+    return ShardOutcome(shard.rel, "skipped", rows=rows)
 
 
 def open_shard(cfg: DatasetConfig, shard: Shard, base: dict, model_meta: dict, progress: Progress, *,

@@ -389,6 +389,29 @@ class Journal:
         self.close(quiet=exc_type is not None)
 
 
+def remove_leftover(path: str | Path) -> bool:
+    """Delete the journal at ``path`` (and its index) unless a process holds it: for a journal left
+    beside an output that is complete (a run killed after publishing the output, before deleting the
+    journal). True if it was removed."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return False
+    with f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # in use
+        try:
+            path.unlink()
+            _index_path(path).unlink(missing_ok=True)
+        except OSError:
+            return False
+    return True
+
+
 def _key(hexdigest: Any) -> bytes | None:
     try:
         return bytes.fromhex(hexdigest) if isinstance(hexdigest, str) and hexdigest else None

@@ -6,6 +6,7 @@ see test_fuse_cli's module docstring)."""
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import io
 import json
@@ -229,6 +230,25 @@ def test_finished_shards_are_skipped_and_other_outputs_are_not_overwritten(tmp_p
     run, summary = run_dataset(data, out, force=True)
     assert summary.complete and summary.shards_done == 4
     assert read_all(out / "s2.jsonl") == single_file(data / "s2.jsonl", tmp_path / "s2.jsonl")
+
+
+def test_a_journal_left_beside_a_finished_output_is_cleaned_up(tmp_path, sample_rows):
+    """Killed after publishing a shard but before deleting its journal: the rerun skips the shard and
+    deletes the journal, unless another run holds it."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    for k in range(2):
+        write(data / f"s{k}.jsonl", sample_rows[5 * k: 5 * k + 5])
+    run_dataset(data, out)
+    for k in range(2):
+        journal_path(out / f"s{k}.jsonl").write_text('{"capsfuse_journal": 1}\n')
+    holder = open(journal_path(out / "s1.jsonl"), "rb")
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    try:
+        run, summary = run_dataset(data, out, FakeFactory(fail=True))
+    finally:
+        holder.close()
+    assert summary.shards_skipped == 2
+    assert not journal_path(out / "s0.jsonl").exists() and journal_path(out / "s1.jsonl").exists()
 
 
 def test_a_malformed_shard_fails_alone(tmp_path, sample_rows):

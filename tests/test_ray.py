@@ -134,9 +134,9 @@ def test_a_killed_worker_costs_only_its_in_flight_rows(cluster, dataset, tiny_gg
     assert any("Ray worker 0 restarted" in note for note in progress.notes)
 
 
-def test_a_killed_driver_then_the_same_command_resumes(cluster, dataset, tiny_gguf_f32, tmp_path):
-    """kill -9 the `fuse --ray` command (Ray ends its workers with it), then run it again: finished
-    shards are skipped, cut ones resume from their journals."""
+def test_a_killed_job_then_the_same_command_resumes(cluster, dataset, tiny_gguf_f32, tmp_path):
+    """kill -9 the `fuse --ray` command and its workers at once (the whole job lost mid-run), then run
+    the same command again: finished shards are skipped, cut ones resume from their journals."""
     data, reference = dataset
     out = tmp_path / "out"
     args = ["fuse", data, "-o", out, "--model", tiny_gguf_f32, *FLAGS, "--quiet", "--ray", "--ray-address", cluster,
@@ -147,23 +147,35 @@ def test_a_killed_driver_then_the_same_command_resumes(cluster, dataset, tiny_gg
         driver = subprocess.Popen([sys.executable, "-m", "capsfuse_lite", *map(str, args)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 180
+
+    def mid_run() -> bool:  # a shard published and another one cut (journaled rows, not published)
+        published = {name for name in SHARDS if (out / name).exists()}
+        return bool(published) and any(p.read_bytes().count(b"\n") > 2 for p in out.glob("*.journal.jsonl")
+                                       if p.name[: -len(".journal.jsonl")] not in published)
+
+    workers: list[int] = []
     while True:
-        published = [name for name in SHARDS if (out / name).exists()]
-        cut = [p for p in out.glob("*.journal.jsonl") if p.read_bytes().count(b"\n") > 2] if out.exists() else []
-        if published and cut:
-            break
         assert driver.poll() is None, f"the run ended before it could be killed: {log.read_text()}"
         assert time.monotonic() < deadline, "the run did not get going"
+        workers = workers or [int(pid) for pid in re.findall(r"pid (\d+) on ", log.read_text())]  # once ready
+        if len(workers) == 2 and out.exists() and mid_run():
+            for pid in workers:  # frozen: nothing is journaled or published after this point
+                os.kill(pid, signal.SIGSTOP)
+            if mid_run():
+                break
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
         time.sleep(0.005)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
-    workers = [int(pid) for pid in re.findall(r"pid (\d+) on ", log.read_text())]
-    assert len(workers) == 2
-    while any(alive(pid) for pid in workers):  # Ray ends a dead driver's workers (within seconds)
-        assert time.monotonic() < deadline, "the killed driver's workers lived on"
-        time.sleep(0.05)
-    journaled = sum(p.read_bytes().count(b"\n") - 1 for p in out.glob("*.journal.jsonl"))
+    for pid in workers:  # with their owner gone, Ray retries none of their calls
+        os.kill(pid, signal.SIGKILL)
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     published = [name for name in SHARDS if (out / name).exists()]
+    journaled = sum(p.read_bytes().count(b"\n") - 1 for p in out.glob("*.journal.jsonl")
+                    if p.name[: -len(".journal.jsonl")] not in published)  # (killed between publishing and cleaning up)
 
     run, summary = ray_run(data, out, tiny_gguf_f32)  # the same job, again
     assert summary.complete and not summary.failed
