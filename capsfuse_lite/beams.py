@@ -37,8 +37,12 @@ prompt occupying ``P`` positions of ``input_ids``. Upstream CapsFusion left-padd
   - a hypothesis finished by EOS at step ``n`` is ``input_ids`` *before* the EOS and scores
     ``sum_logprobs / (P + n - 1)**lp``;
   - after each step: stop once ``N`` hypotheses are finished and the best of all ``2N``
-    candidates (EOS ones included) gives ``score / (P + n - 1)**lp <= worst finished``
-    (``cur_len`` is read before the step's token is appended);
+    candidates (EOS ones included) gives ``score / (P + n)**lp <= worst finished``
+    (``BeamSearchScorer.process`` adds 1 to ``cur_len`` before calling ``is_done``; found by the
+    transformers 4.28.1 reference in tests/fixtures). 4.28.1 adds that 1 once per unfinished row
+    of the batch, so in a batch the row at position j divides by ``P + n + j'`` (j' unfinished
+    rows before it): a row's stopping step depended on its batch partners upstream. A row-by-row
+    engine cannot copy that; this is the row on its own (no output of the reference data changes);
   - if ``max_new_tokens`` is reached without that stop, the ``N`` running beams are added with
     ``sum_logprobs / (P + n)**lp`` (``finalize`` sees the full sequence).
 
@@ -117,30 +121,25 @@ def _fold_shape(vocab: int) -> tuple[int, int]:
     return (vocab // times, times) if times > 1 else (0, 0)
 
 
-def _chunk_top_k(x: np.ndarray, k: int, scratch: np.ndarray, tokens: np.ndarray, values: np.ndarray,
-                 log_norm: np.ndarray) -> None:
-    """:func:`row_top_k` for one chunk of rows, writing into the given output slices."""
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits: a broken model, not a crash
-        _chunk_top_k_impl(x, k, scratch, tokens, values, log_norm)
-
-
-def _chunk_top_k_impl(x: np.ndarray, k: int, scratch: np.ndarray, tokens: np.ndarray, values: np.ndarray,
-                      log_norm: np.ndarray) -> None:
-    rows, vocab = x.shape
-    width, times = _fold_shape(vocab)
+def _reduce_chunk(x: np.ndarray, width: int, times: int, fold: np.ndarray, scratch: np.ndarray,
+                  folded_out: np.ndarray, peak_out: np.ndarray, log_norm: np.ndarray) -> None:
+    """The heavy, GIL-free part of :func:`row_top_k` for one chunk of rows: the folded class maxima
+    (``folded_out``), the row maxima and the log-normalisers, in preallocated buffers."""
+    rows = x.shape[0]
     span = width * times
     if span:
-        folded = np.maximum(x[:, : span // 2], x[:, span // 2 : span])
-        while folded.shape[1] > width:
-            half = folded.shape[1] // 2
-            folded = np.maximum(folded[:, :half], folded[:, half:], out=folded[:, :half])
-        tail = x[:, span:]
-        peak = folded.max(axis=1)
-        if tail.shape[1]:
-            np.maximum(peak, tail.max(axis=1), out=peak)
+        half = span // 2
+        f = np.maximum(x[:, :half], x[:, half:span], out=fold[:rows, :half])
+        while f.shape[1] > width:
+            half = f.shape[1] // 2
+            f = np.maximum(f[:, :half], f[:, half:], out=f[:, :half])
+        folded_out[:] = f
+        peak = f.max(axis=1)
+        if x.shape[1] > span:
+            np.maximum(peak, x[:, span:].max(axis=1), out=peak)
     else:
         peak = x.max(axis=1)
-    # log-normaliser
+    peak_out[:] = peak
     e = scratch[:rows]
     if np.all(np.abs(peak) < _EXP_SAFE):
         np.exp(x, out=e)
@@ -149,10 +148,14 @@ def _chunk_top_k_impl(x: np.ndarray, k: int, scratch: np.ndarray, tokens: np.nda
         np.subtract(x, peak[:, None], out=e)
         np.exp(e, out=e)
         log_norm[:] = peak.astype(np.float64) + np.log(e.sum(axis=1).astype(np.float64))
-    if not span or k > width // 4 or not np.all(np.isfinite(peak)):
-        _exact_top_k(x, k, tokens, values)
-        return
-    # candidates: members of the classes whose maximum reaches the bound, and tail tokens above it
+
+
+def _select(x: np.ndarray, k: int, width: int, times: int, folded: np.ndarray, tokens: np.ndarray,
+            values: np.ndarray) -> bool:
+    """Exact top-k of every row from the class maxima (steps 2-3 above); False if some row lacks k
+    candidates (only with non-finite logits: the caller then sorts those rows fully)."""
+    rows = x.shape[0]
+    span = width * times
     bound = np.partition(folded, width - k, axis=1)[:, width - k]
     r, c = np.nonzero(folded >= bound[:, None])
     members = c[:, None] + width * np.arange(times)
@@ -165,15 +168,15 @@ def _chunk_top_k_impl(x: np.ndarray, k: int, scratch: np.ndarray, tokens: np.nda
         cand_row = np.concatenate((cand_row, tr))
         cand_tok = np.concatenate((cand_tok, span + tc))
         cand_val = np.concatenate((cand_val, tail[tr, tc]))
-    order = np.lexsort((cand_tok, -cand_val, cand_row))
     counts = np.bincount(cand_row, minlength=rows)
-    if counts.min() < k:  # cannot happen for finite logits; kept as a guard
-        _exact_top_k(x, k, tokens, values)
-        return
+    if counts.min() < k:
+        return False
+    order = np.lexsort((cand_tok, -cand_val, cand_row))
     first = np.concatenate(([0], np.cumsum(counts)[:-1]))
     pick = order[first[:, None] + np.arange(k)]
     tokens[:] = cand_tok[pick]
     values[:] = cand_val[pick]
+    return True
 
 
 def _exact_top_k(x: np.ndarray, k: int, tokens: np.ndarray, values: np.ndarray) -> None:
@@ -185,13 +188,15 @@ def _exact_top_k(x: np.ndarray, k: int, tokens: np.ndarray, values: np.ndarray) 
 
 
 class RowTopK:
-    """Computes :func:`row_top_k` with reusable scratch memory and, for large steps, worker threads
-    (numpy releases the GIL inside its array loops, so chunks run on several cores)."""
+    """Computes :func:`row_top_k` with reusable buffers and, for large steps, worker threads: the
+    folds, exps and sums of row chunks run on several cores (numpy releases the GIL inside its array
+    loops), the selection then runs once over all rows."""
 
     def __init__(self, threads: int = 1):
         self.threads = max(1, int(threads))
         self._pool = None
-        self._scratch: list[np.ndarray] = []
+        self._buffers: list[tuple[np.ndarray, np.ndarray]] = []  # (fold, exp scratch) per worker
+        self._vocab = None
 
     def __call__(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows, vocab = logits.shape
@@ -199,16 +204,24 @@ class RowTopK:
         tokens = np.empty((rows, k), dtype=np.int64)
         values = np.empty((rows, k), dtype=np.float32)
         log_norm = np.empty(rows, dtype=np.float64)
+        if rows == 0:
+            return tokens, values, log_norm
+        width, times = _fold_shape(vocab)
+        folded = np.empty((rows, max(width, 1)), dtype=np.float32)
+        peak = np.empty(rows, dtype=np.float32)
         chunks = [(i, min(i + _CHUNK_ROWS, rows)) for i in range(0, rows, _CHUNK_ROWS)]
         workers = min(self.threads, len(chunks))
-        while len(self._scratch) < workers or (self._scratch and self._scratch[0].shape[1] != vocab):
-            if self._scratch and self._scratch[0].shape[1] != vocab:
-                self._scratch = []
-            self._scratch.append(np.empty((_CHUNK_ROWS, vocab), dtype=np.float32))
+        if self._vocab != vocab:
+            self._buffers, self._vocab = [], vocab
+        while len(self._buffers) < workers:
+            self._buffers.append((np.empty((_CHUNK_ROWS, max(vocab // 2, 1)), dtype=np.float32),
+                                  np.empty((_CHUNK_ROWS, vocab), dtype=np.float32)))
 
         def run(worker: int) -> None:
-            for a, b in chunks[worker::workers]:
-                _chunk_top_k(logits[a:b], k, self._scratch[worker], tokens[a:b], values[a:b], log_norm[a:b])
+            fold, scratch = self._buffers[worker]
+            with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits: a broken model, not a crash
+                for a, b in chunks[worker::workers]:
+                    _reduce_chunk(logits[a:b], width, times, fold, scratch, folded[a:b], peak[a:b], log_norm[a:b])
 
         if workers <= 1:
             run(0)
@@ -221,6 +234,10 @@ class RowTopK:
             run(0)
             for f in futures:
                 f.result()
+        with np.errstate(invalid="ignore", over="ignore"):
+            finite = bool(np.all(np.isfinite(peak)))
+            if not (width and k <= width // 4 and finite and _select(logits, k, width, times, folded, tokens, values)):
+                _exact_top_k(logits, k, tokens, values)
         return tokens, values, log_norm
 
     def close(self) -> None:
@@ -417,7 +434,7 @@ class BeamSearch:
             raise RuntimeError("fewer running beams than num_beams: more than N EOS candidates in the top 2N")
         self.running = new_running
         best = candidates[0][0]
-        if len(self.finished) >= n_beams and self._worst_finished() >= self._norm(best, offset + n_before):
+        if len(self.finished) >= n_beams and self._worst_finished() >= self._norm(best, offset + self.n):
             self.done = True
         elif self.n >= self.max_new_tokens:
             for beam in self.running:

@@ -365,8 +365,9 @@ def recommend_slots(results: list[dict], threshold: float = SLOTS_GAIN_THRESHOLD
             recs.append({
                 "device": device, "beams": beams, "prefix_cache": cache, "slots": pick["slots"],
                 "rows_per_s": pick["rows_per_s"], "reason": reason,
-                # a knee to remember for --slots auto: throughput levelled off or memory ran out
-                "remember": pick is not usable[-1] or failed is not None,
+                # a knee to remember for --slots auto: throughput levelled off (seen over at least
+                # three slot counts) or memory ran out
+                "remember": (pick is not usable[-1] and len(usable) >= 3) or failed is not None,
             })
     return recs
 

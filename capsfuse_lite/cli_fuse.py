@@ -17,7 +17,8 @@ from .records import csv_delimiter_name, parse_csv_delimiter
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process killed by SIGTERM
-_NOT_REPEATED = ("input", "output", "model", "force", "resume", "yes")  # placed first, or meaningless on a resume
+_LISTED = 50  # failed shards listed at the end of a dataset run
+_NOT_REPEATED = ("inputs", "output", "model", "force", "resume", "yes")  # placed first, or meaningless on a resume
 
 
 def _given_options(ctx: typer.Context) -> list[str]:
@@ -44,10 +45,11 @@ def _given_options(ctx: typer.Context) -> list[str]:
     return words
 
 
-def _resume_command(cfg, options: list[str], resume: bool = True) -> str:
-    """The command line that continues (``resume``) or repeats the run ``cfg``: every option the
-    user gave (``options``, see :func:`_given_options`) and the model file in use."""
-    parts = ["capsfuse-lite", "fuse", str(cfg.input), "-o", str(cfg.output), "--model", str(cfg.model), *options]
+def _resume_command(cfg, options: list[str], resume: bool = True, inputs: list | None = None) -> str:
+    """The command line that continues (``resume``) or repeats the run ``cfg`` (a dataset: ``inputs``):
+    every option the user gave (``options``, see :func:`_given_options`) and the model file in use."""
+    parts = ["capsfuse-lite", "fuse", *map(str, inputs or [cfg.input]), "-o", str(cfg.output), "--model", str(cfg.model),
+             *options]
     if resume:
         parts.append("--resume")
     return shlex.join(parts)
@@ -102,13 +104,15 @@ def _slots_help() -> str:
 
 
 INPUT_HELP = ("Caption file: .json (an array of objects, upstream's format), .jsonl, .csv or .parquet; "
-              ".json, .jsonl and .csv may be gzip or zstd compressed (rows.jsonl.gz, rows.csv.zst).")
+              ".json, .jsonl and .csv may be gzip or zstd compressed (rows.jsonl.gz, rows.csv.zst). Or a dataset: "
+              "a folder, a quoted glob ('data/**/*.parquet') or several files; each file then gives one output file "
+              "under OUTPUT (a folder), at the same relative path.")
 
 
 def fuse(
     ctx: typer.Context,
-    input: Annotated[Path, typer.Argument(metavar="INPUT", help=INPUT_HELP, show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUTPUT", help="File to write; its extension sets the format, as for INPUT (compression included). OUTPUT.meta.json is written beside it and a missing folder is created. An OUTPUT already complete for this command is left as is (exit code 0).")],
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help=INPUT_HELP, show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="OUTPUT", help="File to write; its extension sets the format, as for INPUT (compression included). OUTPUT.meta.json is written beside it and a missing folder is created. An OUTPUT already complete for this command is left as is (exit code 0). For a dataset: the output folder (complete shards are skipped).")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", metavar="MODEL", help=_default_model_help(), show_default=False)] = None,
     input_format: Annotated[Optional[str], typer.Option(metavar="FORMAT", help=HELP_INPUT_FORMAT)] = None,
     output_format: Annotated[Optional[str], typer.Option(metavar="FORMAT", help=HELP_OUTPUT_FORMAT)] = None,
@@ -123,12 +127,16 @@ def fuse(
     ctx_size: Annotated[Optional[int], typer.Option("--ctx", metavar="N", help="KV cache size in tokens.  [default: enough for every slot's longest prompt and all its beams]")] = None,
     threads: Annotated[Optional[int], typer.Option(metavar="N", help=f"CPU threads for llama.cpp.  {help_threads()}")] = None,
     limit: Annotated[Optional[int], typer.Option(metavar="N", help="Only the first N input rows.")] = None,
-    shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="Only input rows i with i mod N = I (0 <= I < N): one shard per GPU or machine; `capsfuse-lite merge` joins the parts in input order.")] = None,
+    shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="Only input rows i with i mod N = I (0 <= I < N): one shard per GPU or machine; `capsfuse-lite merge` joins the parts in input order. For a dataset: only files I, I+N, ... of its sorted file list (no merge needed).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT's journal (a plain rerun does too; this one also finishes an interrupted --force run over an existing OUTPUT).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over: overwrite OUTPUT and discard its journal.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Convert the default model without asking (no --model given, not converted yet).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=HELP_QUIET)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help=HELP_VERBOSE)] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Fuse a dataset on a Ray cluster: one worker per GPU (CPU-only: per --ray-cpus-per-worker cores), each loading the model once. Connects to the cluster `ray start` made on this machine (or RAY_ADDRESS), else starts a local one. Needs pip install 'capsfuse-lite[ray]'.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="Ray cluster to connect to (HOST:PORT of `ray start --head`, or auto); implies --ray.")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(metavar="N", help="Ray workers.  [default: one per GPU of the cluster; CPU-only: its CPUs / --ray-cpus-per-worker]")] = None,
+    ray_cpus_per_worker: Annotated[Optional[float], typer.Option(metavar="N", help="CPUs reserved per Ray worker, also its llama.cpp threads unless --threads is given.  [default: 1 beside a GPU; CPU-only: the CPUs of the largest node]")] = None,
 ) -> None:
     """Fuse each row's two captions into one caption.
 
@@ -141,11 +149,27 @@ def fuse(
 
     native_first()
     verbose_llama(verbose)
+    from .dataset import is_dataset
     from .models import resolve_model, terminal_confirm
-    from .progress import make_progress, print_summary
+    from .progress import make_progress
     from .runner import FuseConfig, FuseRun, parse_shard, parse_slots
 
     with user_errors():
+        options = _given_options(ctx)
+        if ray or ray_address or is_dataset(inputs, output):
+            settings = dict(
+                model=None, input_format=input_format, output_format=output_format, csv_delimiter=csv_delimiter,
+                raw_field=raw_field, synthetic_field=synthetic_field, output_field=output_field, slots=parse_slots(slots),
+                beams=beams, max_new_tokens=max_new_tokens, n_gpu_layers=n_gpu_layers, n_ctx=ctx_size, n_threads=threads,
+                limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
+            ray_options = None
+            if ray or ray_address:
+                from .cluster import RayOptions
+
+                ray_options = RayOptions(address=ray_address, workers=ray_workers, cpus_per_worker=ray_cpus_per_worker)
+            _fuse_dataset(inputs, output, settings, model, yes, quiet, ray_options, options)
+            return
+        input = inputs[0]
         cfg = FuseConfig(
             input=input, output=output, model=model, input_format=input_format, output_format=output_format,
             csv_delimiter=csv_delimiter,
@@ -160,20 +184,69 @@ def fuse(
             return
         cfg.model = resolve_model(model, yes=yes, confirm=terminal_confirm())
         run.check_model()  # architecture, truncation, --max-new-tokens vs its context: before hashing it
-        options = _given_options(ctx)
         cfg.command = _resume_command(cfg, options, resume=False)
         how_to_resume = f"progress is saved in the journal; resume with:\n  {_resume_command(cfg, options)}"
-        with _StopOnSignal(run, progress.note) as stopper:
-            try:
-                summary = run.execute()
-            except KeyboardInterrupt:
-                progress.close()
-                typer.echo(f"aborted; {how_to_resume}", err=True)
-                raise typer.Exit(EXIT_INTERRUPTED) from None
-        print_summary(summary)
+        summary, stopper = _execute(run, progress, how_to_resume)
         if not summary.complete:
-            typer.echo(f"interrupted; {how_to_resume}", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED if stopper.signum != signal.SIGTERM else EXIT_TERMINATED)
+            _interrupted(stopper, how_to_resume)
+
+
+def _execute(run, progress, how_to_resume: str):
+    """``run.execute()`` with Ctrl-C / SIGTERM asking it to stop (a second Ctrl-C aborts); prints the
+    summary. Returns (summary, the signal catcher)."""
+    with _StopOnSignal(run, progress.note) as stopper:
+        try:
+            summary = run.execute()
+        except KeyboardInterrupt:
+            progress.close()
+            typer.echo(f"aborted; {how_to_resume}", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    from .progress import print_summary
+
+    print_summary(summary)
+    return summary, stopper
+
+
+def _interrupted(stopper: _StopOnSignal, how_to_resume: str) -> None:
+    typer.echo(f"interrupted; {how_to_resume}", err=True)
+    raise typer.Exit(EXIT_INTERRUPTED if stopper.signum != signal.SIGTERM else EXIT_TERMINATED)
+
+
+def _fuse_dataset(inputs: list[Path], output: Path, settings: dict, model: Optional[Path], yes: bool, quiet: bool,
+                  ray_options, options: list[str]) -> None:
+    """`fuse` over a dataset (a folder, glob or several files), on this machine or on Ray."""
+    from .dataset import DatasetConfig, DatasetRun
+    from .models import resolve_model, terminal_confirm
+    from .progress import make_progress
+
+    cfg = DatasetConfig(input=inputs[0], inputs=list(inputs), output=output, **settings)
+    progress = make_progress(quiet)
+    if ray_options is None:
+        run = DatasetRun(cfg, progress=progress)
+    else:
+        from .cluster import RayDatasetRun
+
+        run = RayDatasetRun(cfg, ray_options, progress=progress)
+    shards = run.prepare()  # finds the shards (names and sizes only) and checks the output folder
+    cfg.model = resolve_model(model, yes=yes, confirm=terminal_confirm())
+    run.check_model()
+    cfg.command = _resume_command(cfg, options, resume=False, inputs=cfg.inputs)
+    progress.note(f"{len(shards)} shard(s) under {run.root} -> {cfg.output}")
+    how_to_resume = ("finished shards are kept and cut ones resume from their journals; rerun the same command:\n  "
+                     + cfg.command)
+    summary, stopper = _execute(run, progress, how_to_resume)
+    if summary.failed:
+        from .cli_common import error_line
+
+        error_line(f"{len(summary.failed)} of {summary.shards_total} shards failed (the others are "
+                   f"{'complete' if not summary.shards_left else 'complete or saved'}); fix them and rerun the same command:")
+        for rel, reason in summary.failed[:_LISTED]:
+            typer.echo(f"  {rel}: {reason}", err=True)
+        if len(summary.failed) > _LISTED:
+            typer.echo(f"  ... and {len(summary.failed) - _LISTED} more (each was named as it failed)", err=True)
+        raise typer.Exit(2)
+    if not summary.complete:
+        _interrupted(stopper, how_to_resume)
 
 
 def merge(

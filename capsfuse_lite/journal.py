@@ -56,6 +56,11 @@ def _index_path(journal: Path) -> Path:
 
 RESUME_HINT = "the journal keeps every row fused so far: rerun the same command to continue"
 _LOCK_ATTEMPTS = 20
+_LOCK_POLL_S = 0.5
+
+
+class JournalBusyError(ConfigError):
+    """Another process holds the journal's lock (one run per output file)."""
 
 
 def _normalise(obj: Any) -> Any:
@@ -84,8 +89,10 @@ def fingerprint_diff(old: dict, new: dict) -> list[str]:
 class Journal:
     """Finished rows of one run; see the module docstring. Use :meth:`open`."""
 
-    def __init__(self, path: Path, fingerprint: dict, total_rows: int, *, fsync_interval: float = 5.0):
+    def __init__(self, path: Path, fingerprint: dict, total_rows: int, *, fsync_interval: float = 5.0,
+                 lock_wait: float = 0.0):
         self.path = path
+        self.lock_wait = lock_wait
         self.fingerprint = _normalise(fingerprint)
         self.total_rows = total_rows
         self.fsync_interval = fsync_interval
@@ -104,13 +111,15 @@ class Journal:
 
     @classmethod
     def open(cls, path: str | Path, fingerprint: dict, total_rows: int, *, fsync_interval: float = 5.0,
-             discard: bool = False) -> "Journal":
+             discard: bool = False, lock_wait: float = 0.0) -> "Journal":
         """Open (resume) or create the journal at ``path``; ``discard`` empties it first (``--force``).
 
-        Raises ConfigError if another process holds it or it holds rows made with another
-        fingerprint, and a CapsfuseError naming the file if it cannot be written.
+        Raises JournalBusyError if another process holds it (after waiting up to ``lock_wait``
+        seconds for it to let go: a crashed run's lock on a network filesystem outlives it for a
+        while), ConfigError if it holds rows made with another fingerprint, and a CapsfuseError
+        naming the file if it cannot be written.
         """
-        journal = cls(Path(path), fingerprint, total_rows, fsync_interval=fsync_interval)
+        journal = cls(Path(path), fingerprint, total_rows, fsync_interval=fsync_interval, lock_wait=lock_wait)
         journal._open(discard)
         return journal
 
@@ -142,17 +151,23 @@ class Journal:
         its journal while still holding the lock, so a run that opened the old file just before
         finds it gone and opens the new one instead of writing to a deleted file.
         """
+        deadline = time.monotonic() + self.lock_wait
         for _ in range(_LOCK_ATTEMPTS):
             self._file = open(self.path, "ab")
             if fcntl is None:  # pragma: no cover - Windows: no advisory locks
                 return
-            try:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self._file.close()
-                self._file = None
-                raise ConfigError(f"{self.path} is in use by another capsfuse-lite run (one run per output file); "
-                                  "wait for it to finish or stop it first") from None
+            while True:
+                try:
+                    fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() < deadline:
+                        time.sleep(_LOCK_POLL_S)
+                        continue
+                    self._file.close()
+                    self._file = None
+                    raise JournalBusyError(f"{self.path} is in use by another capsfuse-lite run (one run per output "
+                                           "file); wait for it to finish or stop it first") from None
             if self._in_place():
                 if os.unlink in os.supports_dir_fd:
                     self._dir_fd = os.open(self.path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -372,6 +387,29 @@ class Journal:
 
     def __exit__(self, exc_type, exc, tb):
         self.close(quiet=exc_type is not None)
+
+
+def remove_leftover(path: str | Path) -> bool:
+    """Delete the journal at ``path`` (and its index) unless a process holds it: for a journal left
+    beside an output that is complete (a run killed after publishing the output, before deleting the
+    journal). True if it was removed."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return False
+    with f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # in use
+        try:
+            path.unlink()
+            _index_path(path).unlink(missing_ok=True)
+        except OSError:
+            return False
+    return True
 
 
 def _key(hexdigest: Any) -> bytes | None:

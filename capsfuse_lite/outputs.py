@@ -89,7 +89,7 @@ def finished_output(cfg: Any, *, output_format: str, input_format: str) -> str:
 
     out = Path(cfg.output)
     journal = journal_path(out)
-    unfinished = (f" ({journal.name}, the journal of an interrupted --force run, is beside it: --resume finishes "
+    unfinished = (f" ({journal.name}, the journal of an interrupted run over it, is beside it: --resume finishes "
                   "that run)") if journal.exists() else ""
     redo = f"pass --force to redo it (or choose another -o){unfinished}"
     meta_file = meta_path(out)

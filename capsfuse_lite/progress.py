@@ -1,7 +1,10 @@
 """Progress reporting and the end-of-run summary, kept apart from the scheduler and the IO.
 
 The runner calls a :class:`Progress` object: ``start(total, done)`` once, ``advance(rows,
-tokens)`` as rows finish, ``note(text)`` for one-off messages, ``close()`` at the end.
+tokens)`` as rows finish, ``note(text)`` for one-off messages, ``close()`` at the end. A dataset
+run also calls ``set_total(total, estimated)`` as it learns the row counts of its shards (until
+every shard was read, the total is estimated from their sizes), ``set_shards(done, total, failed)``
+and, on Ray, ``update(done, rows, tokens)`` with the figures polled from its workers.
 :class:`RichProgress` draws a bar on a terminal (rows done/total, rows/s, generated tokens/s,
 ETA, elapsed time); :class:`LogProgress` writes a plain line every ``interval`` seconds (no
 terminal, or ``--quiet``). :func:`print_summary` renders a finished (or interrupted) run as a
@@ -34,6 +37,8 @@ class Progress:
         self.rows = 0  # rows finished by this process (rates exclude resumed rows)
         self.tokens = 0
         self.t0 = time.monotonic()
+        self.estimated = False  # the total is an estimate (a dataset whose shards were not all read yet)
+        self.shards_total = self.shards_done = self.shards_failed = 0  # dataset runs only
 
     def start(self, total: int, done: int = 0, description: str = "fusing") -> None:
         self.total, self.done, self.description = total, done, description
@@ -44,6 +49,26 @@ class Progress:
         self.rows += rows
         self.tokens += tokens
         self._refresh()
+
+    def set_total(self, total: int, estimated: bool = False) -> None:
+        self.total, self.estimated = total, estimated
+        self._refresh()
+
+    def set_shards(self, done: int, total: int, failed: int = 0) -> None:
+        self.shards_done, self.shards_total, self.shards_failed = done, total, failed
+        self._refresh()
+
+    def update(self, done: int, rows: int, tokens: int) -> None:
+        """Absolute figures (rows done in all, rows and tokens finished by this run)."""
+        self.done, self.rows, self.tokens = done, rows, tokens
+        self._refresh()
+
+    def shards_text(self) -> str:
+        """``"shards 3/8 (1 failed)"``, or "" outside dataset runs."""
+        if not self.shards_total:
+            return ""
+        failed = f" ({self.shards_failed} failed)" if self.shards_failed else ""
+        return f"shards {self.shards_done}/{self.shards_total}{failed}"
 
     def note(self, text: str) -> None:
         """A one-off message (model loading, warnings)."""
@@ -92,7 +117,10 @@ class LogProgress(Progress):
         super().start(total, done, description)
         self._last = time.monotonic()
         resumed = f" ({done} already done)" if done else ""
-        self._print(f"{description}: {total} rows{resumed}")
+        if self.shards_total:
+            self._print(f"{description}: {self.shards_total} shards")
+        else:
+            self._print(f"{description}: {total} rows{resumed}")
 
     def _refresh(self):
         now = time.monotonic()
@@ -102,9 +130,11 @@ class LogProgress(Progress):
 
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"{self.description}: {self.done}/{self.total} rows ({pct:.1f}%), "
-                f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} tok/s, ETA {format_duration(self.eta_s)}, "
-                f"elapsed {format_duration(self.elapsed)}")
+        shards = self.shards_text()
+        return (f"{self.description}: {self.done}/{'~' if self.estimated else ''}{self.total} rows ({pct:.1f}%), "
+                + (f"{shards}, " if shards else "")
+                + f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} tok/s, ETA {format_duration(self.eta_s)}, "
+                + f"elapsed {format_duration(self.elapsed)}")
 
     def note(self, text):
         self._print(text)
@@ -134,6 +164,7 @@ class RichProgress(Progress):
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("rows"),
+            TextColumn("{task.fields[shards]}"),
             TextColumn("{task.fields[rates]}"),
             TextColumn("ETA {task.fields[eta]}"),
             TextColumn("elapsed"),
@@ -142,11 +173,12 @@ class RichProgress(Progress):
             transient=False,
         )
         self._bar.start()
-        self._task = self._bar.add_task(description, total=total, completed=done, rates="", eta="?")
+        self._task = self._bar.add_task(description, total=total, completed=done, rates="", eta="?",
+                                        shards=self.shards_text())
 
     def _refresh(self):
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done,
+            self._bar.update(self._task, completed=self.done, total=self.total, shards=self.shards_text(),
                              rates=f"{self.rows_per_s:.2f} rows/s {self.tokens_per_s:.0f} tok/s",
                              eta=format_duration(self.eta_s))
 
@@ -169,30 +201,44 @@ def make_progress(quiet: bool = False, stream: IO[str] | None = None, interval: 
 
 
 def summary_rows(summary: Any) -> list[tuple[str, str]]:
-    """(label, value) pairs describing a run summary (see ``runner.RunSummary``); every count says
-    what it counts: the whole output when the run completed, this process's rows when interrupted."""
+    """(label, value) pairs describing a run summary (see ``runner.RunSummary``); for one file every
+    count says what it counts: the whole output when the run completed, this process's rows when
+    interrupted."""
     s = summary
-    now = s.rows_this_run
-    if s.complete:
-        output = str(s.output)
-        rows = f"{s.rows_total}: {now} done in this run, {s.rows_resumed} from the journal"
-        scope = ""
+    shards = getattr(s, "shard_counts", None)  # a dataset run (capsfuse_lite.dataset.DatasetSummary)
+    if shards:
+        rows = [
+            ("output", str(s.output)),
+            ("rows", f"{s.rows_total} in this run ({s.rows_resumed} from the journal)"),
+            ("fused", f"{s.rows_fused} by the model, {s.rows_reused} reused (identical caption pairs)"),
+            ("skipped", f"{s.rows_skipped} (missing, null, non-string or empty caption)"),
+            ("truncated prompts", str(s.truncated_prompts)),
+            ("cut at token limit", str(s.length_cut)),
+        ]
     else:
-        done = s.rows_resumed + now
-        output = f"{s.output} (not written yet: the run was interrupted)"
-        rows = (f"{done} of {s.rows_total} done ({now} in this run, {s.rows_resumed} from the journal); "
-                f"{s.rows_total - done} left")
-        scope = " of the rows done in this run"
-    rows = [
-        ("output", output),
-        ("rows", rows),
-        ("fused in this run", f"{s.rows_fused} by the model, {s.rows_reused} copied from an identical caption pair"),
-        ("skipped", f"{s.rows_skipped}{scope}: caption missing, null, not text, empty or refused by the tokenizer"),
-        ("truncated prompts", f"{s.truncated_prompts}{scope}"),
-        ("cut at token limit", f"{s.length_cut}{scope}"),
+        now = s.rows_this_run
+        scope = "" if s.complete else " of the rows done in this run"
+        if s.complete:
+            output, counted = str(s.output), f"{s.rows_total}: {now} done in this run, {s.rows_resumed} from the journal"
+        else:
+            done = s.rows_resumed + now
+            output = f"{s.output} (not written yet: the run was interrupted)"
+            counted = (f"{done} of {s.rows_total} done ({now} in this run, {s.rows_resumed} from the journal); "
+                       f"{s.rows_total - done} left")
+        rows = [
+            ("output", output),
+            ("rows", counted),
+            ("fused in this run", f"{s.rows_fused} by the model, {s.rows_reused} copied from an identical caption pair"),
+            ("skipped", f"{s.rows_skipped}{scope}: caption missing, null, not text, empty or refused by the tokenizer"),
+            ("truncated prompts", f"{s.truncated_prompts}{scope}"),
+            ("cut at token limit", f"{s.length_cut}{scope}"),
+        ]
+    rows += [
         ("wall time", format_duration(s.wall_s)),
         ("throughput", f"{s.rows_per_s:.2f} rows/s, {s.generated_tokens_per_s:.1f} generated tok/s"),
     ]
+    if shards:
+        rows.insert(1, ("shards", shards))
     model = s.model or {}
     if model:
         rows.append(("model", f"{model.get('file')} ({model.get('quant') or '?'}, sha256 {str(model.get('sha256'))[:12]}…)"))
@@ -210,7 +256,8 @@ def print_summary(summary: Any, console: Any = None) -> None:
     from rich.text import Text
 
     console = console or Console(stderr=True, highlight=False)
-    title = "capsfuse-lite fuse" + ("" if summary.complete else " (interrupted)")
+    title = "capsfuse-lite fuse" + ("" if summary.complete else " (incomplete)" if getattr(summary, "shard_counts", None)
+                                    else " (interrupted)")
     table = Table(title=Text(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from capsfuse_lite.progress import Progress
+
 
 @dataclass
 class FakeResult:
@@ -41,11 +43,13 @@ class FakeFuser:
         self.model_info = {"path": str(model_path), "file_type": "fake"}
         self.seen: list[tuple[str, str]] = []  # every pair consumed, in order
         self.on_result = on_result  # called with the number of results yielded so far
+        self.streams = 0  # fuse() calls (a dataset feeds all its shards through one)
         self.closed = False
         self._stop = False
 
     def fuse(self, pairs, *, ordered=True):
         assert ordered is False, "the runner journals rows as they complete"
+        self.streams += 1
         self._stop = False
         rng = random.Random(1234)
         window = []
@@ -97,3 +101,15 @@ class FakeFactory:
     @property
     def seen(self) -> list[tuple[str, str]]:
         return [pair for f in self.made for pair in f.seen]
+
+
+
+class NoteRecorder(Progress):
+    """A progress sink that keeps the notes a run prints."""
+
+    def __init__(self):
+        super().__init__()
+        self.notes: list[str] = []
+
+    def note(self, text):
+        self.notes.append(text)

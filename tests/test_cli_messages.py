@@ -202,6 +202,8 @@ CASES = [
     Case("fuse-same-fields", lambda f, t: ["fuse", f.good, "-o", t / "o.jsonl", "--raw-field", "laion_coco"],
          "name the same column"),
     Case("fuse-usage-error", lambda f, t: ["fuse", f.good, "-o", t / "o.jsonl", "--beams", "three"], "--beams"),
+    Case("fuse-dataset-into-a-file", lambda f, t: ["fuse", f.tmp, "-o", t / "o.jsonl", "-m", f.model],
+         "is written to a folder"),
     # fuse: model
     Case("fuse-model-missing", lambda f, t: ["fuse", f.good, "-o", t / "o.jsonl", "-m", t / "m[1].gguf"],
          "m[1].gguf does not exist"),
@@ -410,7 +412,7 @@ def test_progress_lines_label_the_elapsed_time():
     bar.start(10)
     bar.advance(3, 30)
     bar.close()
-    assert re.search(r"3/10 rows [\d.]+ rows/s \d+ tok/s ETA [\d:?]+ elapsed \d+:\d\d:\d\d$", console.file.getvalue().strip())
+    assert re.search(r"3/10 rows\s+[\d.]+ rows/s \d+ tok/s ETA [\d:?]+ elapsed \d+:\d\d:\d\d$", console.file.getvalue().strip())
 
 
 def test_the_command_list_shows_each_summary_whole():

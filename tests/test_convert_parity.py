@@ -85,21 +85,23 @@ def test_upstream_layout_q8_0_top1_agreement(tiny_gguf_q8, prompt_tokens, refere
     assert top1_agreement(llama_cpp_logits(tiny_gguf_q8, prompt_tokens), reference) >= 0.95
 
 
-def test_q4_k_m_loads_and_generates(tiny_llama_dir, tmp_path, prompt_tokens):
-    import llama_cpp
+def test_q4_k_m_top1_agreement(tmp_path, prompt_tokens):
+    """The default output type, on a checkpoint whose matrices have 256-column rows (k-quants need
+    them; the 64-wide tiny model would fall back to q5_0 for every matrix). Measured on it: llama.cpp's
+    argmax on the q4_k_m GGUF equals transformers' f32 argmax at 79.5 % of the 478 prompt positions
+    (q8_0: 99.2 %; random weights give flat next-token distributions, so 4-bit rounding flips
+    many near-ties); a broken quantization (scales, permutation, tensor order) falls far below."""
+    from capsfuse_lite.convert import read_gguf_metadata
 
-    path = convert_checkpoint(tiny_llama_dir, tmp_path / "tiny-q4_k_m.gguf", progress=False)  # default type
-    assert not [p for p in tmp_path.iterdir() if p.name != path.name]  # intermediate removed
-    llm = llama_cpp.Llama(str(path), n_ctx=512, verbose=False, n_threads=2)
-    try:
-        generated = []
-        for token in llm.generate(prompt_tokens[0], top_k=1, temp=0.0):
-            generated.append(token)
-            if len(generated) == 8:
-                break
-    finally:
-        llm.close()
-    assert len(generated) == 8 and all(0 <= t < 32001 for t in generated)
+    folder = make_llama_checkpoint(tmp_path / "ckpt", hidden=256, intermediate=768, heads=4, layout="safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    path = convert_checkpoint(folder, out / "q4_k_m.gguf", progress=False)  # default type
+    assert [p.name for p in out.iterdir()] == [path.name]  # intermediate removed
+    assert read_gguf_metadata(path)["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    agreement = top1_agreement(llama_cpp_logits(path, prompt_tokens), hf_logits(load_hf(folder), prompt_tokens))
+    print(f"q4_k_m top-1 agreement with transformers f32: {agreement:.1%}")
+    assert agreement >= 0.75
 
 
 @pytest.mark.parametrize(

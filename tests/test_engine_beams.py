@@ -24,7 +24,8 @@ def logits_from(probs: dict[int, float]) -> np.ndarray:
 
 
 def run(search, table: dict[tuple, dict[int, float]]):
-    """Drive ``search`` with next-token distributions looked up by each beam's tokens so far."""
+    """Drive ``search`` with next-token distributions looked up by each beam's tokens so far
+    (every prefix the search reaches must be in ``table``)."""
     beams = [()]
     while True:
         logits = np.stack([logits_from(table[b]) for b in beams])
@@ -42,6 +43,7 @@ TABLE = {
     (Y,): {EOS: 0.5, W: 0.4, Z: 0.05, X: 0.03, Y: 0.01},
     (X, Z): {EOS: 0.9, X: 0.05, Y: 0.02, Z: 0.02, W: 0.005},
     (Y, W): {EOS: 0.9, X: 0.05, Y: 0.02, Z: 0.02, W: 0.005},
+    (X, Z, X): {X: 0.5}, (X, Z, Y): {X: 0.5}, (Y, W, X): {X: 0.5},  # reached only by the stop test's step
 }
 
 
@@ -62,15 +64,19 @@ def test_current_transformers_arithmetic():
 
 def test_transformers_4_28_arithmetic_with_padded_prompt():
     """length_offset=P: an EOS hypothesis is input_ids before the EOS, P + n - 1 long; the stop test
-    divides the best of all 2N candidates by cur_len = P + n - 1. With P=10 the empty caption
-    wins, as long left-padded prompts made upstream favour short outputs."""
+    divides the best of all 2N candidates by P + n (4.28.1's BeamSearchScorer.process adds 1 to
+    cur_len = input_ids.shape[-1] before is_done, for the first row of a batch). With P=10 the empty
+    caption wins, as long left-padded prompts made upstream favour short outputs."""
     p = 10
     search = BeamSearch(num_beams=2, eos_id=EOS, max_new_tokens=10, length_offset=p)
     best = run(search, TABLE)
     empty = math.log(0.4) / (p + 0)
     x_eos = (math.log(0.35) + math.log(0.6)) / (p + 1)
     assert sorted(h.score for h in search.finished) == pytest.approx(sorted([empty, x_eos]), rel=1e-6)
-    assert search.n == 2  # best candidate X+EOS / (P + 1) equals the worst finished -> done
+    # step 2: best candidate X+EOS: log(0.21) / (P + 2) = -0.130 > worst finished -0.142 -> go on;
+    # step 3: X,Z+EOS and Y,W+EOS score below the worst finished (not kept); best log(0.0945) / (P + 3)
+    # = -0.182 <= -0.142 -> done
+    assert search.n == 3
     assert (best.tokens, best.finish_reason) == ([], "eos")
 
 
@@ -103,13 +109,109 @@ def test_current_last_step_finishes_top_n_candidates_by_n():
     assert best.tokens == [X]
 
 
-def test_eos_ranked_below_num_beams_is_skipped():
-    table = {(): {X: 0.5, Y: 0.3, EOS: 0.15}}
-    search = BeamSearch(num_beams=2, eos_id=EOS, max_new_tokens=5, length_offset=0)
-    parents = search.step(np.stack([logits_from(table[()])]))
-    assert parents == [0, 0]
+@pytest.mark.parametrize("offset", [0, 256])
+def test_eos_ranked_below_num_beams_is_skipped(offset):
+    """Walking the 2N candidates in rank order, an EOS ranked >= N does not finish a hypothesis,
+    even while fewer than N beams have been collected. Step 2 ranks: X+EOS (0.2, finished), X+Z
+    (0.19), Y+EOS (0.16, rank 2: skipped), Y+W (0.14)."""
+    search = BeamSearch(num_beams=2, eos_id=EOS, max_new_tokens=5, length_offset=offset)
+    assert search.step(np.stack([logits_from({X: 0.5, Y: 0.4, EOS: 0.05})])) == [0, 0]
     assert search.finished == []  # EOS was rank 2 >= N
-    assert [b.tokens for b in search.running] == [[X], [Y]]
+    parents = search.step(np.stack([logits_from({EOS: 0.4, Z: 0.38}), logits_from({EOS: 0.4, W: 0.35})]))
+    assert parents == [0, 1]
+    assert [h.tokens for h in search.finished] == [[X]]
+    assert [b.tokens for b in search.running] == [[X, Z], [Y, W]]
+
+
+# Step 1: EOS finishes the empty caption A; X carries on. Step 2: X+EOS is the best candidate and
+# finishes B (the worst of N=2); X+Z runs on. Steps 3-4: X,Z,W then EOS, almost surely: a caption
+# that beats A, found only if the search did not stop at step 2.
+def _late_winner(p_empty: float, p_x: float, p_x_eos: float, p_x_z: float) -> dict:
+    return {
+        (): {EOS: p_empty, X: p_x, Y: 0.99 - p_empty - p_x},
+        (X,): {EOS: p_x_eos, Z: p_x_z, W: 0.99 - p_x_eos - p_x_z},
+        (Y,): {Z: 0.5, W: 0.3, EOS: 0.1},
+        (X, Z): {W: 0.99, EOS: 0.002},
+        (X, W): {Z: 0.5, EOS: 0.3},
+        (Y, Z): {Z: 0.5, EOS: 0.3},
+        (X, Z, W): {EOS: 0.99},
+        (X, W, Z): {EOS: 0.5, X: 0.3},
+        (Y, Z, Z): {EOS: 0.5, X: 0.3},
+    }
+
+
+def test_4_28_stop_test_divides_by_cur_len_after_the_step():
+    """4.28.1 stops when worst finished >= best candidate / (P + n), n counting this step's token.
+    Here at step 2 the best candidate X+EOS / (P + 2) = -0.1055 > B = X+EOS / (P + 1) = -0.1151, so
+    4.28 goes on and finds X,Z,W (-0.1023 > A = -0.1050); dividing by P + n - 1 would stop at
+    step 2 (equal) and answer the empty caption."""
+    p = 10
+    search = BeamSearch(num_beams=2, eos_id=EOS, max_new_tokens=4, length_offset=p)
+    best = run(search, _late_winner(0.35, 0.6, 0.47, 0.45))
+    a = math.log(0.35) / p
+    xzw = math.log(0.6 * 0.45 * 0.99 * 0.99) / (p + 3)
+    assert (best.tokens, best.finish_reason, search.n) == ([X, Z, W], "eos", 4)
+    assert sorted(h.score for h in search.finished) == pytest.approx(sorted([a, xzw]), rel=1e-6)
+
+
+def test_4_28_stop_test_uses_the_best_of_all_candidates_eos_included():
+    """The stop test's best score is the best of the 2N candidates, EOS ones included
+    (``next_scores.max()``), not the best beam that runs on. At step 2 the best candidate is X+EOS:
+    / (P + 2) = -0.0987 > worst finished B = -0.1077, so 4.28 goes on (to X,Z,W = -0.1023 > A =
+    -0.1036); the best running beam X+Z / (P + 2) = -0.1091 would have stopped it."""
+    p = 10
+    search = BeamSearch(num_beams=2, eos_id=EOS, max_new_tokens=4, length_offset=p)
+    best = run(search, _late_winner(0.355, 0.6, 0.51, 0.45))
+    assert (best.tokens, best.finish_reason, search.n) == ([X, Z, W], "eos", 4)
+
+
+@pytest.mark.parametrize("offset", [0, 256])
+def test_stop_test_on_equal_scores(offset):
+    """With length_penalty=0 scores are plain sums, so equal scores are exact. At step 2, X+EOS
+    (finished, the worst kept) ties X+Z (EOS has the lower id, so it ranks first). 4.28
+    (offset 256) stops when worst >= best candidate (X+EOS itself): equal, done. Current
+    transformers (offset 0) goes on while best running beam > worst: X+Z equals it, done."""
+    table = {
+        (): {EOS: 0.5, X: 0.3, Y: 0.15},
+        (X,): {EOS: 0.4, Z: 0.4}, (Y,): {W: 0.4, EOS: 0.3},
+        (X, Z): {EOS: 0.5}, (Y, W): {EOS: 0.5}, (X, Z, X): {EOS: 0.5}, (X, Z, Y): {EOS: 0.5},
+    }
+    search = BeamSearch(num_beams=2, eos_id=EOS, max_new_tokens=10, length_offset=offset, length_penalty=0.0)
+    best = run(search, table)
+    assert search.n == 2
+    assert sorted(h.score for h in search.finished) == pytest.approx(sorted([math.log(0.5), math.log(0.12)]))
+    assert best.tokens == []
+
+
+def test_4_28_equal_scores_the_hypothesis_finished_last_wins():
+    """4.28 sorts the kept hypotheses by score (stable) and pops the last: of equal scores, the one
+    added last wins. X and Y tie at step 1; X+EOS and Y+EOS tie at step 2 (beam 0 first)."""
+    table = {
+        (): {X: 0.45, Y: 0.45, EOS: 0.05},
+        (X,): {EOS: 0.6, Z: 0.3}, (Y,): {EOS: 0.6, W: 0.3},
+        (X, Z): {EOS: 0.9}, (Y, W): {EOS: 0.9},
+        (X, Z, Y): {X: 0.5}, (X, Z, X): {X: 0.5}, (X, Z, Z): {X: 0.5}, (Y, W, X): {X: 0.5},
+    }
+    search = BeamSearch(num_beams=2, eos_id=EOS, max_new_tokens=10, length_offset=256)
+    best = run(search, table)
+    scores = [h.score for h in search.finished]
+    assert [h.tokens for h in search.finished] == [[X], [Y]] and scores[0] == scores[1]
+    assert best.tokens == [Y]
+
+
+def test_4_28_a_new_hypothesis_must_beat_the_worst_kept_strictly():
+    """BeamHypotheses.add keeps a new hypothesis in a full list only if it scores above the worst:
+    Y+EOS ties X+EOS (added just before, the worst) and is not kept."""
+    table = {
+        (): {EOS: 0.5, X: 0.2, Y: 0.2},
+        (X,): {EOS: 0.5, Z: 0.3}, (Y,): {EOS: 0.5, W: 0.3},
+        (X, Z): {EOS: 0.9}, (Y, W): {EOS: 0.9},
+        (X, Z, X): {X: 0.5}, (X, Z, Y): {X: 0.5}, (X, Z, Z): {X: 0.5}, (Y, W, X): {X: 0.5},
+    }
+    search = BeamSearch(num_beams=2, eos_id=EOS, max_new_tokens=10, length_offset=256)
+    best = run(search, table)
+    assert sorted(h.tokens for h in search.finished) == [[], [X]]
+    assert best.tokens == []
 
 
 def test_parents_point_at_the_beams_that_continue():

@@ -1,6 +1,11 @@
 """Continuous batching: finished slots are refilled at once, input is read lazily, results come
-back in input order (or as they finish), KV space is released (more rows than fit in n_ctx at
-once), the shared prefix changes nothing, request_stop, stats, settings and user errors."""
+back in input order (or as they finish), KV space is reserved for every beam and released (more
+rows than fit in n_ctx at once), the shared prefix changes nothing, request_stop, stats, settings,
+quantized KV caches and user errors.
+
+Outputs are judged per row against current transformers (tests/fidelity.py: identical, or a
+near-tie in the reference), whatever the slot count: llama.cpp's kernels are not batch-invariant,
+so rows decoded beside others may resolve a near-tie differently than rows decoded alone."""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import collections
 import logging
 
 import pytest
-from test_engine_parity import EXACT, eos_variant, fuse_all, pairs_of
+from fidelity import check_rows, eos_variant
+from test_engine_parity import EXACT, fuse_all, hf_references, logprob_noise, pairs_of, verdicts
 
 from capsfuse_lite import Fuser, defaults
 from capsfuse_lite.errors import ConfigError, ModelLoadError
@@ -16,8 +22,13 @@ from capsfuse_lite.llama import supports_gpu_offload
 
 
 @pytest.fixture(scope="module")
-def eos_gguf(tiny_llama_dir, tiny_gguf_f32, sample_rows, tmp_path_factory):
-    return eos_variant(tiny_llama_dir, tiny_gguf_f32, sample_rows, tmp_path_factory.getbasetemp())[1]
+def eos_model(tiny_llama_dir, tmp_path_factory):
+    return eos_variant(tiny_llama_dir, tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def eos_gguf(eos_model):
+    return eos_model[1]
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +37,27 @@ def pairs(sample_rows):
 
 
 @pytest.fixture(scope="module")
-def greedy_reference(eos_gguf, pairs):
-    """One slot: rows strictly one after another."""
-    return [r.token_ids for r in fuse_all(eos_gguf, pairs, slots=1, beams=1)[1]]
+def prompt_ids(eos_gguf, pairs):
+    from capsfuse_lite.engine import PromptPreview
+
+    with PromptPreview(eos_gguf) as preview:
+        return [preview.build(*p).token_ids for p in pairs]
 
 
 @pytest.fixture(scope="module")
-def beam_reference(eos_gguf, pairs):
-    return [r.token_ids for r in fuse_all(eos_gguf, pairs[:16], slots=1, beams=3)[1]]
+def greedy_refs(eos_model, prompt_ids):
+    return hf_references(eos_model[0], prompt_ids, beams=1)
+
+
+@pytest.fixture(scope="module")
+def beam_refs(eos_model, prompt_ids):
+    return hf_references(eos_model[0], prompt_ids[:16], beams=3)
+
+
+def check_greedy(label: str, refs, results) -> None:
+    by_index = sorted(results, key=lambda r: r.index)
+    assert [r.index for r in by_index] == list(range(len(by_index)))
+    check_rows(label, verdicts(refs[: len(by_index)], by_index, beams=1))
 
 
 class Recorder:
@@ -58,14 +82,14 @@ class Recorder:
         return results
 
 
-def test_finished_slots_are_refilled_at_once_and_input_is_read_lazily(eos_gguf, pairs, greedy_reference):
+def test_finished_slots_are_refilled_at_once_and_input_is_read_lazily(eos_gguf, pairs, greedy_refs):
     slots = 3
     with Fuser(eos_gguf, slots=slots, beams=1, **EXACT) as fuser:
         rec = Recorder(fuser, pairs)
         results = rec.run(ordered=False)
         counters = fuser._scheduler.counters
     assert sorted(r.index for r in results) == list(range(len(pairs)))
-    assert {r.index: r.token_ids for r in results} == dict(enumerate(greedy_reference))
+    check_greedy("greedy, 3 slots, unordered", greedy_refs, results)
     lengths = collections.Counter(len(r.token_ids) for r in results)
     assert len(lengths) >= 4 and {r.finish_reason for r in results} == {"eos", "length"}
     assert counters.max_active_rows == slots
@@ -87,14 +111,14 @@ def test_finished_slots_are_refilled_at_once_and_input_is_read_lazily(eos_gguf, 
     assert refills[last_pull_step] <= finishes[last_pull_step]
 
 
-def test_ordered_results_come_back_in_input_order(eos_gguf, pairs, greedy_reference):
+def test_ordered_results_come_back_in_input_order(eos_gguf, pairs, greedy_refs):
     with Fuser(eos_gguf, slots=5, beams=1, **EXACT) as fuser:
         results = list(fuser.fuse(iter(pairs)))
     assert [r.index for r in results] == list(range(len(pairs)))
-    assert [r.token_ids for r in results] == greedy_reference
+    check_greedy("greedy, 5 slots", greedy_refs, results)
 
 
-def test_kv_space_is_released_when_n_ctx_holds_only_a_few_rows(eos_gguf, pairs, greedy_reference):
+def test_kv_space_is_released_when_n_ctx_holds_only_a_few_rows(eos_gguf, pairs, greedy_refs):
     slots, max_new = 8, EXACT["max_new_tokens"]
     with Fuser(eos_gguf, slots=slots, beams=1, **EXACT) as probe:
         prefix = probe.settings["prefix_tokens"]
@@ -104,29 +128,60 @@ def test_kv_space_is_released_when_n_ctx_holds_only_a_few_rows(eos_gguf, pairs, 
         results = list(fuser.fuse(pairs))
         capacity = fuser.settings["n_ctx"]
         counters = fuser._scheduler.counters
-    assert [r.token_ids for r in results] == greedy_reference
+    check_greedy("greedy, 8 slots, small n_ctx", greedy_refs, results)
     assert 2 <= counters.max_active_rows < slots  # admission waited for KV space
     assert sum(n - prefix + max_new for n in needs) > 4 * capacity  # far more rows than fit at once
 
 
-def test_beam_search_in_many_slots_equals_one_slot(eos_gguf, pairs, beam_reference):
-    with Fuser(eos_gguf, slots=4, beams=3, **EXACT) as fuser:
-        results = list(fuser.fuse(pairs[:16]))
-        assert fuser._scheduler.counters.max_active_rows == 4  # the default n_ctx fits every slot
-    assert [r.token_ids for r in results] == beam_reference
+def test_beam_search_in_one_and_many_slots_matches_transformers(eos_gguf, pairs, beam_refs):
+    beam = dict(EXACT, beams=3, length_offset=0)
+    runs = {}
+    for slots in (1, 4):
+        with Fuser(eos_gguf, slots=slots, **beam) as fuser:
+            runs[f"{slots} slots"] = list(fuser.fuse(pairs[:16]))
+            assert fuser._scheduler.counters.max_active_rows == slots  # the default n_ctx fits every slot
     prefix = fuser.settings["prefix_tokens"]
     n_ctx = prefix + defaults.MAX_INPUT_TOKENS + 3 * EXACT["max_new_tokens"]
-    with Fuser(eos_gguf, slots=4, beams=3, n_ctx=n_ctx, **EXACT) as small:
-        assert [r.token_ids for r in small.fuse(pairs[:16])] == beam_reference
+    with Fuser(eos_gguf, slots=4, n_ctx=n_ctx, **beam) as small:
+        runs["4 slots, small n_ctx"] = list(small.fuse(pairs[:16]))
+    for label, results in runs.items():
+        check_rows(f"3 beams, length_offset=0, {label}", verdicts(beam_refs, results, beams=3), min_identical=15 / 16)
 
 
-def test_shared_prefix_changes_nothing(tiny_gguf_f32, pairs):
-    _, cached = fuse_all(tiny_gguf_f32, pairs[:12], slots=4, beams=1)
+def test_kv_reservation_counts_every_beam(tiny_gguf_f32, tiny_llama_dir, pairs):
+    """A row reserves its own prompt tokens plus beams x max_new_tokens KV cells: every beam may
+    grow to max_new_tokens with its own history (beams share cells only while their histories
+    agree). The random tiny model never emits EOS, so every beam runs to the end. With n_ctx just
+    above one worst-case row, at most 2 rows of 3 beams may run at once; reserving max_new_tokens
+    per row instead admits 4, which overflows the cache whenever their beams' histories diverge."""
+    beams, max_new, slots = 3, EXACT["max_new_tokens"], 4
+    rows = pairs[:8]
+    with Fuser(tiny_gguf_f32, slots=1, beams=1, **EXACT) as probe:
+        prefix = probe.settings["prefix_tokens"]
+        prompts = [probe.build_prompt(*p) for p in rows]
+    n_ctx = prefix + defaults.MAX_INPUT_TOKENS + beams * max_new  # the smallest accepted
+    with Fuser(tiny_gguf_f32, slots=slots, n_ctx=n_ctx, **dict(EXACT, beams=beams, length_offset=0)) as fuser:
+        results = list(fuser.fuse(rows))
+        capacity = fuser.settings["n_ctx"]
+        active = fuser._scheduler.counters.max_active_rows
+        needs = [fuser._scheduler.row_need(p) for p in prompts]
+    assert all(need >= len(p.token_ids) - prefix + beams * max_new for need, p in zip(needs, prompts))
+    fit = (capacity - prefix) // min(len(p.token_ids) - prefix + beams * max_new for p in prompts)
+    assert 1 <= active <= fit < slots
+    assert all(r.finish_reason == "length" and len(r.token_ids) == max_new for r in results)
+    refs = hf_references(tiny_llama_dir, [p.token_ids for p in prompts], beams=3)
+    check_rows("3 beams, random tiny model, small n_ctx", verdicts(refs, results, beams=3), min_identical=7 / 8)
+
+
+def test_shared_prefix_changes_nothing(tiny_gguf_f32, tiny_llama_dir, pairs):
+    prompts, cached = fuse_all(tiny_gguf_f32, pairs[:12], slots=4, beams=1)
     _, plain = fuse_all(tiny_gguf_f32, pairs[:12], slots=4, beams=1, prefix_cache=False)
-    assert [r.token_ids for r in cached] == [r.token_ids for r in plain]
+    refs = hf_references(tiny_llama_dir, [p.token_ids for p in prompts], beams=1)
+    check_rows("greedy, prefix cache on", verdicts(refs, cached, beams=1))
+    check_rows("greedy, prefix cache off", verdicts(refs, plain, beams=1))
 
 
-def test_request_stop_returns_after_the_current_step_and_the_fuser_stays_usable(eos_gguf, pairs, greedy_reference):
+def test_request_stop_returns_after_the_current_step_and_the_fuser_stays_usable(eos_gguf, pairs, greedy_refs):
     with Fuser(eos_gguf, slots=4, beams=1, **EXACT) as fuser:
         got = []
         for r in fuser.fuse(pairs, ordered=False):
@@ -134,7 +189,7 @@ def test_request_stop_returns_after_the_current_step_and_the_fuser_stays_usable(
             fuser.request_stop()
         assert 1 <= len(got) < len(pairs)
         again = list(fuser.fuse(pairs))
-    assert [r.token_ids for r in again] == greedy_reference
+    check_greedy("greedy, 4 slots, after request_stop", greedy_refs, again)
 
 
 def test_stats_add_up(eos_gguf, pairs):
@@ -182,18 +237,40 @@ def test_settings_default_from_gguf_metadata(tiny_gguf_f32, caplog):
         assert not settings["gpu"] and settings["n_gpu_layers"] == 0 and len(notices) == 1
 
 
-def test_quantized_kv_cache(tmp_path, pairs):
-    """kv_type q8_0 (flash attention on) runs; it needs a head size that is a multiple of 32."""
+# Measured on the head-size-32 model below, llama.cpp vs torch f32 log-probabilities of the 8 best
+# tokens along greedy continuations: at most 8.9e-3 with a q8_0 KV cache, 2.6e-4 with f16.
+KV_NOISE = {"f16": 5e-4, "q8_0": 1.25e-2}
+
+
+@pytest.fixture(scope="module")
+def head32(tmp_path_factory):
     from checkpoints import make_llama_checkpoint
 
     from capsfuse_lite.convert import convert_checkpoint
 
-    folder = make_llama_checkpoint(tmp_path / "head32", hidden=128, intermediate=344, heads=4, layout="safetensors")
-    gguf = convert_checkpoint(folder, tmp_path / "head32.gguf", out_type="f32", progress=False)
-    with Fuser(gguf, slots=4, beams=1, max_new_tokens=8, kv_type="q8_0", flash_attn=True, n_threads=1) as fuser:
-        results = list(fuser.fuse(pairs[:6]))
-    assert [r.index for r in results] == list(range(6))
-    assert all(r.token_ids and r.finish_reason in ("eos", "length") for r in results)
+    base = tmp_path_factory.mktemp("head32")
+    folder = make_llama_checkpoint(base / "ckpt", hidden=128, intermediate=344, heads=4, layout="safetensors")
+    return folder, convert_checkpoint(folder, base / "head32.gguf", out_type="f32", progress=False)
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "f16"])
+def test_quantized_kv_cache_agrees_with_transformers(head32, pairs, kv_type):
+    """kv_type q8_0 needs flash attention and a head size that is a multiple of 32. The cache's
+    rounding moves llama.cpp's log-probabilities by less than KV_NOISE (asserted here); a greedy
+    decision compares two log-probabilities of one step, so a row may diverge from transformers
+    only where transformers' margin between the two picks is below 2 x KV_NOISE. Measured on 32
+    rows: q8_0 31 identical, 1 near-tie (margin 7.4e-3); f16 32/32."""
+    folder, gguf = head32
+    max_new, tie, rows = 16, 2 * KV_NOISE[kv_type], pairs[:32]
+    with Fuser(gguf, slots=4, beams=1, max_new_tokens=max_new, kv_type=kv_type, flash_attn=True, n_threads=1) as fuser:
+        prompts = [fuser.build_prompt(*p).token_ids for p in rows]
+        results = list(fuser.fuse(rows))
+    noise = logprob_noise(gguf, folder, [(p, r.token_ids) for p, r in zip(prompts[:4], results[:4])],
+                          kv_type=kv_type, flash_attn=True)
+    print(f"{kv_type} KV cache: max top-8 log-probability difference from torch f32 {noise:.2e}")
+    assert noise < KV_NOISE[kv_type]
+    refs = hf_references(folder, prompts, beams=1, max_new=max_new)
+    check_rows(f"greedy, {kv_type} KV cache (tie {tie:g})", verdicts(refs, results, beams=1, tie=tie, max_new=max_new))
 
 
 def test_user_errors(tiny_gguf_f32, tmp_path):

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from fake_fuser import FakeFactory, fake_caption
+from fake_fuser import FakeFactory, NoteRecorder, fake_caption
 from markers import needs_pyarrow
 from rich.console import Console
 
 from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError
 from capsfuse_lite.journal import journal_path
-from capsfuse_lite.progress import LogProgress, Progress, print_summary
+from capsfuse_lite.progress import LogProgress, print_summary
 from capsfuse_lite.records import read_all
 from capsfuse_lite.runner import FuseConfig, FuseRun, meta_path, parse_shard, run_fuse
 from capsfuse_lite.shards import merge_shards
@@ -213,18 +213,9 @@ def test_config_errors(tmp_path, rows):
             parse_shard(bad)
 
 
-class Recorder(Progress):
-    def __init__(self):
-        super().__init__()
-        self.notes = []
-
-    def note(self, text):
-        self.notes.append(text)
-
-
 def test_an_existing_output_column_is_replaced_with_a_note(tmp_path, sample_rows):
     rows = [dict(r, capsfusion=r["capsfuion_official"]) for r in sample_rows[:5]]
-    progress = Recorder()
+    progress = NoteRecorder()
     summary = run_fuse(config(tmp_path, rows), progress=progress, fuser_factory=FakeFactory())
     assert any("'capsfusion' are replaced" in n for n in progress.notes)
     assert progress.done == summary.rows_total == 5
@@ -318,7 +309,7 @@ def test_a_failed_model_load_does_not_block_the_corrected_model(tmp_path, rows):
     with pytest.raises(ModelLoadError):
         run_fuse(config(tmp_path, rows, model=wrong), fuser_factory=failing)
     assert journal_path(tmp_path / "out.jsonl").exists()  # created, but it holds no rows
-    progress = Recorder()
+    progress = NoteRecorder()
     summary = run_fuse(config(tmp_path, rows), progress=progress, fuser_factory=FakeFactory())
     assert summary.complete and without_errors(read_all(tmp_path / "out.jsonl")) == without_errors(expected(rows))
     assert any("held no rows" in n and "model_sha256" in n for n in progress.notes)

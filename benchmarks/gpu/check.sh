@@ -27,7 +27,11 @@ log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
 log "device=$DEVICE shape=$SHAPE rows=$ROWS slots=$SLOTS"
 python3 -m venv --system-site-packages "$WORK/venv"
 . "$WORK/venv/bin/activate"
-pip install -q --no-index --no-deps --find-links "$CARRY/wheels" "$CARRY"/wheels/*.whl 2>&1 | tail -2 || true
+if [ "$DEVICE" = cpu ]; then  # the dry run: this machine's Python may lack what the GPU image has
+  pip install -q numpy typer rich
+fi
+pip install -q --no-index --no-deps --find-links "$CARRY/wheels" \
+  capsfuse-lite llama-cpp-python gguf diskcache jinja2 MarkupSafe typing-extensions
 LIB=$(python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llama_cpp').origin), 'lib'))")
 
 if [ "$DEVICE" = gpu ]; then

@@ -1,0 +1,627 @@
+"""Dataset mode: a folder or glob of caption files, fused file by file into an output folder.
+
+    run = DatasetRun(DatasetConfig(input="data/", output="fused/", model="m.gguf"))
+    run.prepare()            # finds the shards (names and sizes only) and checks the output folder
+    summary = run.execute()  # one engine for every shard; a DatasetSummary
+
+**Shards.** The input is a folder (every caption file below it: .json, .jsonl, .ndjson, .csv, .parquet,
+.pq, the text formats optionally .gz/.zst compressed; with ``input_format`` every file), a glob
+(``"data/**/*.parquet"``, quoted so that the shell leaves it alone; ``**`` spans folders) or several
+files and folders (a glob the shell expanded). Hidden files and folders, capsfuse-lite's own
+``.meta.json`` and journal files and everything under the output folder are never shards. Each shard's
+path relative to the input root -- the folder, the glob's part before its first wildcard, or the folder
+the given paths share -- is kept under the output folder, in the same format (``output_format``
+replaces the format extension and keeps ``.gz``/``.zst`` for text formats). ``shard=(I, N)`` keeps
+files ``I, I+N, ...`` of the sorted list: N independent processes (a SLURM array) split a dataset
+without a merge step.
+
+**Per shard**, everything a single-file run guarantees holds (:class:`~capsfuse_lite.runner.FuseRun`
+is the unit): journal beside the output, one run per output (lock), content-keyed resume, output
+written to ``.partial`` and renamed, ``.meta.json``. On top:
+
+- *Skip if done.* A shard whose output exists and whose meta file matches this run (model sha256,
+  decoding settings, caption fields, input and output sizes) is skipped without being read. An
+  output without such a meta file fails its shard: nothing is overwritten without ``force``.
+- *One engine, slots kept full.* The model is loaded once (and only if some row needs it). One
+  ``Fuser.fuse(ordered=False)`` stream takes the pending rows of shard after shard (:class:`ShardStream`),
+  so the next shard's rows fill the slots while the last rows of the previous one finish. Each result
+  goes to its shard's journal; a shard is written and published as soon as its last row is journaled.
+- *Bounded.* A shard is opened (read through once to validate it, its journal locked) only when the
+  stream is about to take its rows, and closed once published: the shards open at a time are those
+  with rows in the engine (at most ``slots + 1``), whatever the number of shards.
+- *A bad shard costs one shard.* A malformed file, an output that is not this run's, a journal of
+  other settings or one in use by another process fails that shard with one line naming it; the
+  other shards go on, and the run ends with exit code 2 listing them. A full disk stops the run (every
+  later shard would fail too); journals keep what was done.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import json
+import os
+import time
+from dataclasses import dataclass, field, fields
+from itertools import chain
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import CapsfuseError, ConfigError, DiskSpaceError, InputFileError, OutputExistsError
+from .journal import journal_path, remove_leftover
+from .progress import Progress
+from .records import _EXTENSIONS, detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
+from .runner import (COUNTS, FuseConfig, FuseRun, RowCounts, check_model_file, check_writable_folder, default_fuser_factory, fuser_kwargs,
+                     meta_path, settings_fingerprint)
+
+_OWN_FILES = (".meta.json", ".journal.jsonl")  # written by capsfuse-lite beside each output: never shards
+_FORMAT_EXTENSION = {"json": ".json", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
+
+
+def has_magic(text: str) -> bool:
+    """Whether ``text`` is a glob pattern (holds ``*``, ``?`` or ``[``)."""
+    return any(c in text for c in "*?[")
+
+
+def is_dataset(inputs: list, output: str | Path) -> bool:
+    """Whether a ``fuse`` command names a dataset: several inputs, a folder, a glob that is not a file
+    name and matches some file, or an existing folder as output (one file into a folder is a dataset
+    of one shard). A missing file whose name holds glob characters (``shard[red].jsonl``) and matches
+    nothing is a missing file, reported as such."""
+    if len(inputs) != 1:
+        return True
+    path, text = Path(inputs[0]), str(inputs[0])
+    glob = not path.exists() and has_magic(text) and next(_glob.iglob(text, recursive=True), None) is not None
+    return path.is_dir() or glob or Path(output).is_dir()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input file of a dataset and where its output goes."""
+
+    input: Path
+    rel: str  # its path relative to the input root, with / separators
+    output: Path
+    size: int  # input bytes (the progress estimates rows from them until the shard is read)
+
+
+@dataclass
+class DatasetConfig(FuseConfig):
+    """:class:`~capsfuse_lite.runner.FuseConfig` for a dataset: ``input`` is a folder or a glob (or
+    ``inputs`` several files, folders and globs), ``output`` the output folder, ``shard=(I, N)``
+    selects files I, I+N, ... of the sorted shard list, and ``limit`` is not available. Every other
+    setting applies to each shard."""
+
+    inputs: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.inputs = [str(p) for p in (self.inputs or [self.input])]
+        super().__post_init__()
+        if self.limit is not None:
+            raise ConfigError("--limit selects rows of one file; in a dataset, choose files with a glob or --shard I/N")
+
+    def file_config(self, shard: Shard) -> FuseConfig:
+        """The single-file run of ``shard``."""
+        values = {f.name: getattr(self, f.name) for f in fields(FuseConfig)}
+        return FuseConfig(**{**values, "input": shard.input, "output": shard.output, "shard": None})
+
+
+def find_shards(inputs: list, output_dir: str | Path, *, input_format: str | None = None,
+                output_format: str | None = None) -> tuple[Path, list[Shard]]:
+    """The input root and the shards of ``inputs`` (folders, globs, files), sorted by relative path.
+    Only names and sizes are read here; raises InputFileError / ConfigError for nothing to fuse, a
+    missing path, or two inputs that would write the same output."""
+    output_dir = Path(output_dir)
+    out_abs = output_dir.absolute()
+    found: list[tuple[Path, Path]] = []  # (file as given, its root)
+    for item in map(str, inputs):
+        path = Path(item)
+        if path.is_dir():
+            if path.resolve() == output_dir.resolve():
+                raise ConfigError(f"{output_dir}: the output folder must not be the input folder (outputs keep the "
+                                  "inputs' names); choose another -o")
+            found += [(f, path) for f in _walk(path, out_abs, input_format)]
+        elif path.is_file():
+            found.append((path, path.parent))
+        elif has_magic(item):
+            root = _glob_root(item)
+            matches = sorted(Path(p) for p in _glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise InputFileError(f"{item}: no file matches this pattern")
+            found += [(f, root) for f in matches if not _excluded(f, out_abs)]
+        else:
+            raise InputFileError(f"{item}: no such file or folder")
+    if not found:
+        raise InputFileError(f"{', '.join(map(str, inputs))}: no caption files found (.json, .jsonl, .csv or .parquet, "
+                             "the first three optionally .gz or .zst; pass --input-format for other names)")
+    roots = {root.absolute() for _, root in found}
+    common = Path(os.path.commonpath([str(r) for r in roots])) if len(roots) > 1 else roots.pop()
+    shards: dict[str, Shard] = {}
+    seen: dict[Path, str] = {}
+    for file, _ in found:
+        real = file.resolve()
+        if real in seen:
+            continue  # the same file named twice (a folder and a glob inside it)
+        rel = Path(os.path.relpath(file.absolute(), common)).as_posix()
+        out = output_dir / output_name(rel, output_format)
+        if out.absolute().resolve() == real:
+            raise ConfigError(f"{file}: its output would be the input file itself; choose an output folder "
+                              "other than the input folder")
+        key = out.absolute().as_posix()
+        if key in shards:
+            raise ConfigError(f"{shards[key].input} and {file} would both be written to {out}; "
+                              "rename one, or fuse them in separate runs")
+        seen[real] = rel
+        shards[key] = Shard(file, rel, out, file.stat().st_size)
+    return common, sorted(shards.values(), key=lambda s: s.rel)
+
+
+def _excluded(path: Path, out_abs: Path) -> bool:
+    """capsfuse-lite's own files, and anything under the output folder."""
+    if path.name.endswith(_OWN_FILES):
+        return True
+    return path.absolute() == out_abs or out_abs in path.absolute().parents
+
+
+def _walk(folder: Path, out_abs: Path, input_format: str | None) -> Iterator[Path]:
+    """Caption files below ``folder`` (recursively), hidden names and the output folder left out."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _excluded(here / d, out_abs))
+        for name in sorted(filenames):
+            path = here / name
+            if name.startswith(".") or _excluded(path, out_abs):
+                continue
+            if input_format is None and split_compression(name)[0].suffix.lower() not in _EXTENSIONS:
+                continue
+            yield path
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard: ``data/**/*.jsonl`` -> ``data``."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def output_name(rel: str, output_format: str | None) -> str:
+    """A shard's output path under the output folder: ``rel``, or with ``output_format``'s extension
+    (``a/b.csv.gz`` as jsonl -> ``a/b.jsonl.gz``; Parquet output drops .gz/.zst)."""
+    if not output_format:
+        return rel
+    fmt = detect_format(rel, output_format, role="output") if output_format != "parquet" else "parquet"
+    path = Path(rel)
+    inner, compression = split_compression(path)
+    stem = inner.stem if inner.suffix.lower() in _EXTENSIONS else inner.name
+    name = stem + _FORMAT_EXTENSION[fmt] + (path.suffix if compression and fmt != "parquet" else "")
+    return inner.with_name(name).as_posix()
+
+
+# -- one shard ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardOutcome:
+    """How one shard ended: ``done`` (written by this run), ``skipped`` (complete before),
+    ``failed`` (``error`` says why) or ``interrupted`` (its journal keeps the rows done)."""
+
+    rel: str
+    status: str
+    error: str | None = None
+    rows: int = 0  # rows of the shard (0 when unknown)
+    counts: dict = field(default_factory=dict)  # RunSummary counts of a done shard
+    fuse_s: float = 0.0
+    model: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    worker: int | None = None  # on Ray: the pid of the worker process that ended it
+    actor: str | None = None  # on Ray: the id of that worker's actor (the same after a restart)
+
+    @classmethod
+    def of(cls, run: FuseRun, error: BaseException | None = None, status: str | None = None) -> "ShardOutcome":
+        s = run.summary
+        if error is not None:
+            return cls(run.label, "failed", str(error), s.rows_total if s else 0)
+        status = status or ("done" if s.complete else "interrupted")
+        counts = {k: getattr(s, k) for k in COUNTS}
+        return cls(run.label, status, None, s.rows_total, counts, s.fuse_s, dict(s.model), dict(s.settings))
+
+
+_SAME_AS_META = (("model", "sha256", "model_sha256"), ("settings", "beams", "beams"),
+                 ("settings", "max_new_tokens", "max_new_tokens"), ("settings", "length_offset", "length_offset"),
+                 ("settings", "max_input_tokens", "max_input_tokens"),
+                 ("settings", "prompt_template_sha256", "prompt_template"), ("fields", "raw", "raw_field"),
+                 ("fields", "synthetic", "synthetic_field"), ("fields", "output", "output_field"),
+                 ("input", "bytes", "input_bytes"), ("output", "bytes", "output_bytes"))
+
+
+def finished_rows(shard: Shard, cfg: DatasetConfig, base: dict) -> int:
+    """Rows of ``shard``'s existing output if it is this run's complete result (its meta file matches
+    ``base``, the settings fingerprint, and the input and output sizes); else OutputExistsError."""
+    out = shard.output
+    fix = "pass --force to fuse it again, or choose another output folder"
+    try:
+        meta = json.loads(meta_path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise OutputExistsError(f"{out} exists without a readable {meta_path(out).name} (not written by capsfuse-lite, "
+                                f"or cut off); {fix}") from None
+    want = dict(base, output_field=cfg.output_field, input_bytes=shard.size, output_bytes=_size(out))
+    got = {key: _section(meta, section).get(name) for section, name, key in _SAME_AS_META}
+    diff = [f"{key}: {got[key]!r} -> {want[key]!r}" for key in got if got[key] != want[key]]
+    if diff:
+        raise OutputExistsError(f"{out} exists from another run or input ({'; '.join(diff)}); {fix}")
+    rows = _section(meta, "output").get("rows")
+    return rows if isinstance(rows, int) else 0
+
+
+def _section(meta: Any, name: str) -> dict:
+    value = meta.get(name) if isinstance(meta, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def finished_outcome(cfg: DatasetConfig, shard: Shard, base: dict) -> ShardOutcome | None:
+    """``skipped`` if ``shard``'s output exists and is this run's complete result, ``failed`` if it
+    exists otherwise (without ``force``), None if the shard is to be fused."""
+    if cfg.force or not shard.output.exists():
+        return None
+    try:
+        rows = finished_rows(shard, cfg, base)
+    except CapsfuseError as exc:
+        return ShardOutcome(shard.rel, "failed", str(exc))
+    if journal_path(shard.output).exists():  # killed between publishing the output and deleting its journal
+        remove_leftover(journal_path(shard.output))
+    return ShardOutcome(shard.rel, "skipped", rows=rows)
+
+
+def open_shard(cfg: DatasetConfig, shard: Shard, base: dict, model_meta: dict, progress: Progress, *,
+               lock_wait: float = 0.0) -> FuseRun | ShardOutcome:
+    """``shard``'s run, read through and validated with its journal open (:meth:`FuseRun.begin`), or
+    its outcome when it needs no engine work: ``skipped`` (a complete output) or ``failed``. A full
+    disk is raised (it stops the whole run)."""
+    settled = finished_outcome(cfg, shard, base)
+    if settled is not None:
+        return settled
+    try:
+        shard.output.parent.mkdir(parents=True, exist_ok=True)
+        run = FuseRun(cfg.file_config(shard), progress=progress)
+        run.label, run.lock_wait = shard.rel, lock_wait
+        run.assume_model(Path(cfg.model), model_meta)
+        run.prepare()
+        run.begin(model_sha256=base["model_sha256"])
+        return run
+    except DiskSpaceError:
+        raise
+    except OSError as exc:
+        return ShardOutcome(shard.rel, "failed", f"{shard.input}: {exc.strerror or exc}")
+    except CapsfuseError as exc:
+        return ShardOutcome(shard.rel, "failed", str(exc))
+
+
+# -- one engine stream over many shards --------------------------------------------------------------
+
+
+class ShardStream:
+    """Feeds the pending rows of shard after shard into one ``Fuser.fuse(ordered=False)`` stream and
+    routes each result to its shard (see the module docstring).
+
+    ``next_run()`` gives the next shard's begun :class:`FuseRun`, or None when there is none (now):
+    the stream then ends once the rows in the engine are done. ``get_fuser()`` is called when the
+    first row needs the model. ``on_done(run, error)`` is called once per shard the stream took: after
+    its output is published (``error`` None, ``run.summary.complete``), when it failed (``error``),
+    or, for shards cut by a stop, at the end (neither). Errors other than a shard's own (a full disk,
+    a bug) end the stream: every open journal is closed and the error raised.
+    """
+
+    def __init__(self, next_run: Callable[[], FuseRun | None], get_fuser: Callable[[], Any],
+                 on_done: Callable[[FuseRun, BaseException | None], None]):
+        self.next_run, self.get_fuser, self.on_done = next_run, get_fuser, on_done
+        self.open: list[FuseRun] = []  # shards taken and not yet published or failed
+        self.max_open = 0
+        self.fuser = None
+        self._stop = False
+        self._where: dict[int, tuple[FuseRun, int]] = {}  # stream position -> (shard run, its own position)
+
+    def request_stop(self) -> None:
+        self._stop = True
+        if self.fuser is not None:
+            self.fuser.request_stop()
+
+    def run(self) -> None:
+        pairs = self._feed()
+        try:
+            self._stream(pairs)
+        except BaseException:
+            pairs.close()
+            for run in self.open:
+                run.journal.close(quiet=True)
+            self.open.clear()
+            raise
+        pairs.close()
+        for run in list(self.open):  # cut by a stop (or an engine that returned early)
+            self.open.remove(run)
+            try:
+                run.journal.close()
+            except CapsfuseError as exc:
+                self.on_done(run, exc)
+                continue
+            self.on_done(run, None)
+
+    def _stream(self, pairs: Iterator[tuple[str, str]]) -> None:
+        first = next(pairs, None)  # shards needing no engine work are finished on the way
+        if first is None or self._stop:
+            return
+        self.fuser = self.get_fuser()
+        if self._stop:
+            return
+        for result in self.fuser.fuse(chain([first], pairs), ordered=False):
+            run, position = self._where.pop(result.index)
+            if run not in self.open:
+                continue  # its shard failed meanwhile
+            try:
+                run.take(position, result)
+            except DiskSpaceError:
+                raise
+            except CapsfuseError as exc:
+                self._fail(run, exc)
+                continue
+            if run.settled:
+                self._finish(run)
+
+    def _feed(self) -> Iterator[tuple[str, str]]:
+        position = 0
+        while not self._stop:
+            run = self.next_run()
+            if run is None:
+                return
+            self.open.append(run)
+            self.max_open = max(self.max_open, len(self.open))
+            try:
+                for own, pair in enumerate(run.pending()):
+                    self._where[position] = (run, own)
+                    position += 1
+                    yield pair
+            except DiskSpaceError:
+                raise
+            except CapsfuseError as exc:  # e.g. the file changed since it was validated
+                self._fail(run, exc)
+                continue
+            if run.settled and run in self.open:
+                self._finish(run)
+
+    def _finish(self, run: FuseRun) -> None:
+        try:
+            run.finish(self.fuser)
+        except DiskSpaceError:
+            raise
+        except CapsfuseError as exc:
+            self._fail(run, exc)
+            return
+        self.open.remove(run)
+        run.journal.close()
+        self.on_done(run, None)
+
+    def _fail(self, run: FuseRun, error: BaseException) -> None:
+        self.open.remove(run)
+        run.journal.close(quiet=True)
+        self.on_done(run, error)
+
+
+# -- the whole dataset on this machine ---------------------------------------------------------------
+
+
+@dataclass
+class DatasetSummary(RowCounts):
+    """A dataset run: shard outcomes, and the row counts of the shards it wrote."""
+
+    output: Path | None = None
+    shards_total: int = 0
+    shards_done: int = 0  # written by this run
+    shards_skipped: int = 0  # complete before this run
+    shards_left: int = 0  # not finished (the run was interrupted; their journals keep the rows done)
+    failed: list = field(default_factory=list)  # (relative path, reason) per failed shard
+    workers: int = 1
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_done + self.shards_skipped == self.shards_total
+
+    @property
+    def shard_counts(self) -> str:
+        parts = [f"{self.shards_done} written", f"{self.shards_skipped} already complete"]
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        if self.shards_left:
+            parts.append(f"{self.shards_left} left for a rerun")
+        workers = f" on {self.workers} workers" if self.workers > 1 else ""
+        return f"{self.shards_total}{workers}: " + ", ".join(parts)
+
+    def add(self, outcome: ShardOutcome) -> None:
+        if outcome.status == "done":
+            self.shards_done += 1
+            for key, value in outcome.counts.items():
+                setattr(self, key, getattr(self, key) + value)
+            self.model = self.model or outcome.model
+            self.settings = self.settings or outcome.settings
+        elif outcome.status == "skipped":
+            self.shards_skipped += 1
+        elif outcome.status == "failed":
+            self.failed.append((outcome.rel, outcome.error))
+        else:
+            self.shards_left += 1
+
+
+class RowTally:
+    """The dataset's row total for the progress display: counted for the shards read so far (and the
+    ``open_rows`` / ``open_bytes`` of shards being read elsewhere), estimated from bytes for the rest."""
+
+    def __init__(self, shards: list[Shard]):
+        self.unknown_bytes = sum(s.size for s in shards)
+        self.known_rows = self.known_bytes = 0
+
+    def learn(self, shard: Shard, rows: int) -> None:
+        self.unknown_bytes -= shard.size
+        self.known_rows += rows
+        self.known_bytes += shard.size
+
+    def forget(self, shard: Shard, rows: int | None = None) -> None:
+        """A failed shard leaves the total (``rows``: what :meth:`learn` counted for it, if it did)."""
+        if rows is None:
+            self.unknown_bytes -= shard.size
+        else:
+            self.known_rows -= rows
+            self.known_bytes -= shard.size
+
+    def total(self, open_rows: int = 0, open_bytes: int = 0) -> tuple[int, bool]:
+        """(total rows, whether it is an estimate)."""
+        rows, known, unknown = self.known_rows + open_rows, self.known_bytes + open_bytes, self.unknown_bytes - open_bytes
+        if unknown <= 0 or not known:
+            return rows, unknown > 0
+        return rows + round(unknown * rows / known), True
+
+
+class DatasetRun:
+    """A dataset on this machine: one engine, shards streamed through it (see the module docstring)."""
+
+    lock_wait = 0.0  # seconds to wait for a journal held by another process
+
+    def __init__(self, config: DatasetConfig, *, progress: Progress | None = None,
+                 fuser_factory: Callable[..., Any] | None = None):
+        self.config = config
+        self.progress = progress or Progress()
+        self.fuser_factory = fuser_factory or default_fuser_factory
+        self.root: Path | None = None
+        self.shards: list[Shard] | None = None
+        self.model_meta: dict = {}
+        self.base: dict = {}
+        self.stream: ShardStream | None = None
+        self._stop = False
+
+    def prepare(self) -> list[Shard]:
+        """Find the shards, create the output folder, and check what would fail every shard alike
+        (a missing Parquet or zstd package, an unwritable output folder) before any model work."""
+        cfg = self.config
+        if cfg.output.exists() and not cfg.output.is_dir():
+            raise ConfigError(f"{cfg.output} is a file; a dataset's output is a folder (-o OUTPUT_DIR)")
+        if not cfg.output.exists() and split_compression(cfg.output.name)[0].suffix.lower() in _EXTENSIONS:
+            raise ConfigError(f"-o {cfg.output}: a dataset (a folder, a glob or several files) is written to a folder, "
+                              "one output file per input file; name a folder (or fuse one file at a time)")
+        self.root, shards = find_shards(cfg.inputs, cfg.output, input_format=cfg.input_format,
+                                        output_format=cfg.output_format)
+        if cfg.shard:
+            shards = shards[cfg.shard[0]::cfg.shard[1]]
+        try:
+            cfg.output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the output folder {cfg.output}: {exc.strerror or exc}") from None
+        check_writable_folder(cfg.output / "probe")
+        names = [s.input.name for s in shards] + [s.output.name for s in shards]
+        if any(n.lower().endswith((".parquet", ".pq")) for n in names) or cfg.input_format == "parquet":
+            import_pyarrow()
+        if any(detect_compression(n) == "zstd" for n in names):
+            import_zstandard()
+        self.shards = shards
+        return shards
+
+    def check_model(self) -> dict:
+        if self.config.model is None:
+            raise ConfigError("no model: pass --model FILE.gguf")
+        self.model_meta = check_model_file(Path(self.config.model), self.config.max_new_tokens)
+        return self.model_meta
+
+    def fingerprint(self) -> dict:
+        """The settings every shard's journal and meta file must match (model hashed once)."""
+        from .models import file_sha256
+
+        if not self.base:
+            meta = self.model_meta or self.check_model()
+            self.base = settings_fingerprint(self.config, meta, file_sha256(Path(self.config.model)))
+        return self.base
+
+    def request_stop(self) -> None:
+        self._stop = True
+        if self.stream is not None:
+            self.stream.request_stop()
+
+    def execute(self) -> DatasetSummary:
+        cfg = self.config
+        if self.shards is None:
+            self.prepare()
+        t0 = time.monotonic()
+        base = self.fingerprint()
+        summary = self.summary = DatasetSummary(output=cfg.output, shards_total=len(self.shards))
+        tally = RowTally(self.shards)
+        progress = self.progress
+        progress.shards_total = len(self.shards)  # before start(): a log line names the shard count
+        progress.start(0, 0)
+        shards = iter(self.shards)
+        by_run: dict[int, Shard] = {}
+        fuser = None
+
+        def show() -> None:
+            progress.set_total(*tally.total())
+            progress.set_shards(summary.shards_done + summary.shards_skipped, summary.shards_total, len(summary.failed))
+
+        def outcome(shard: Shard, result: ShardOutcome) -> None:
+            summary.add(result)
+            if result.status == "skipped":
+                tally.learn(shard, result.rows)
+                progress.done += result.rows
+            elif result.status == "failed":
+                tally.forget(shard)
+                progress.note(f"shard {shard.rel} failed: {result.error}")
+            show()
+
+        def next_run() -> FuseRun | None:
+            while not self._stop:
+                shard = next(shards, None)
+                if shard is None:
+                    return None
+                got = open_shard(cfg, shard, base, self.model_meta, progress, lock_wait=self.lock_wait)
+                if isinstance(got, ShardOutcome):
+                    outcome(shard, got)
+                    continue
+                by_run[id(got)] = shard
+                tally.learn(shard, got.layout.rows)
+                progress.done += got.summary.rows_resumed
+                show()
+                return got
+            return None
+
+        def get_fuser():
+            nonlocal fuser
+            progress.note(f"loading {cfg.model} ...")
+            fuser = self.fuser_factory(Path(cfg.model), **fuser_kwargs(cfg, base))
+            reason = getattr(fuser, "slots_reason", None)
+            if reason:
+                progress.note(reason)
+            return fuser
+
+        def on_done(run: FuseRun, error: BaseException | None) -> None:
+            shard = by_run.pop(id(run))
+            if error is not None:
+                tally.forget(shard, run.layout.rows)
+                progress.done -= run.summary.rows_resumed + run.rows_counted
+            outcome(shard, ShardOutcome.of(run, error))
+
+        self.stream = ShardStream(next_run, get_fuser, on_done)
+        t_fuse = time.monotonic()
+        try:
+            self.stream.run()
+        finally:
+            summary.fuse_s = time.monotonic() - t_fuse
+            if fuser is not None:
+                summary.settings = {**summary.settings, **dict(getattr(fuser, "settings", None) or {})}
+                fuser.close()
+            progress.close()
+        summary.shards_left += sum(1 for _ in shards)  # never reached: the run was stopped
+        summary.wall_s = time.monotonic() - t0
+        return summary
