@@ -1,0 +1,60 @@
+"""KV layouts and the engine's time accounting (capsfuse_lite.plan, scheduler, FuserStats).
+
+Per-sequence KV streams (the GPU default for greedy) keep each row's attention to its own cells, so
+with llama.cpp's non-flash attention kernels a row's logits do not depend on which rows share its
+decode calls: greedy outputs are then identical, token for token, at any slot count (measured here
+on the tiny model; flash attention on a CPU is not batch-invariant, see README "Known limit")."""
+
+from __future__ import annotations
+
+import pytest
+
+from capsfuse_lite import Fuser
+from capsfuse_lite.errors import ConfigError
+
+EXACT = dict(flash_attn=False, max_new_tokens=12, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def pairs(sample_rows):
+    return [(r["laion_2b"], r["laion_coco"]) for r in sample_rows[:12]]
+
+
+def fuse(gguf, pairs, **kw):
+    with Fuser(gguf, **{**EXACT, **kw}) as fuser:
+        results = list(fuser.fuse(pairs))
+        return [r.token_ids for r in results], fuser.settings, fuser.stats
+
+
+def test_streams_give_every_slot_count_the_same_greedy_tokens(tiny_gguf_q8, pairs):
+    one, settings, _ = fuse(tiny_gguf_q8, pairs, slots=1, beams=1, kv_unified=False)
+    many, settings_many, _ = fuse(tiny_gguf_q8, pairs, slots=5, beams=1, kv_unified=False)
+    assert settings["kv_unified"] is False and settings_many["kv_unified"] is False
+    assert settings_many["n_seq_max"] == 5 + 1 and settings_many["n_ctx"] == 6 * 512  # a 512-cell stream each
+    assert many == one  # bit-exact: each row attends over its own stream only
+
+
+def test_streams_place_the_shared_prefix_exactly(tiny_gguf_q8, pairs):
+    """The prefix stream copied into a row's stream (then trimmed to the shared part) gives the same
+    tokens as evaluating every row's whole prompt itself."""
+    cached, _, _ = fuse(tiny_gguf_q8, pairs, slots=3, beams=1, kv_unified=False)
+    uncached, _, _ = fuse(tiny_gguf_q8, pairs, slots=3, beams=1, kv_unified=False, prefix_cache=False)
+    assert cached == uncached
+
+
+def test_beam_search_needs_a_unified_cache(tiny_gguf_q8):
+    with pytest.raises(ConfigError, match="beams=1"):
+        Fuser(tiny_gguf_q8, slots=2, beams=3, kv_unified=False, n_threads=1)
+    with Fuser(tiny_gguf_q8, slots=2, beams=3, n_threads=1) as fuser:
+        assert fuser.settings["kv_unified"] is True
+
+
+def test_host_and_device_time_add_up(tiny_gguf_q8, pairs):
+    _, _, stats = fuse(tiny_gguf_q8, pairs, slots=4, beams=3)
+    parts = stats.admit_s + stats.batch_s + stats.logits_s + stats.search_s + stats.kv_s
+    assert stats.steps > 0 and stats.device_s > 0 and stats.host_s > 0
+    assert parts <= stats.host_s * 1.001 + 1e-6  # the parts are inside the host time
+    assert stats.host_s + stats.device_s <= stats.elapsed_s * 1.001 + 1e-6
+    assert stats.decode_calls >= stats.steps  # plus the shared prefix's own decode
+    assert stats.host_ms_per_step == pytest.approx(1e3 * stats.host_s / stats.steps)
+    assert stats.kv_s > 0  # beams forked
