@@ -92,25 +92,27 @@ def top_candidates(logits: np.ndarray, beam_logprobs: np.ndarray, k: int) -> lis
 # One decode step returns a (rows, vocab) float32 logits matrix (192 x 32001 at 64 slots x 3 beams).
 # Per row the search needs its top-k logits (k = 2 x beams) in exact order (value descending, ties to
 # the lowest token id) and its log-normaliser log(sum(exp(logits))). numpy has no fast top-k
-# (np.argpartition costs ~10 ms on that matrix), so the rows are processed in cache-sized chunks:
+# (np.argpartition costs ~10 ms on that matrix), so, reading the logits once, in cache-sized chunks
+# of rows spread over worker threads:
 #
-# 1. fold the first ``w * 2**j`` columns (``w = vocab >> j`` in [256, 512): all but < 2**j columns)
-#    onto ``w`` columns with elementwise maxima: column c then holds the maximum of the tokens
-#    congruent to c modulo w;
-# 2. the k-th largest of those class maxima, t, is a lower bound of the row's k-th largest logit
-#    (they are k distinct elements of the row), so every top-k token lies in a class whose maximum
-#    is >= t, plus possibly the few tail columns past the folded part;
-# 3. only the members of those classes (about k x 64 values) and the tail are compared with t and
-#    sorted exactly;
-# 4. the normaliser is one exp and one sum over the chunk (the chunk's row maximum, known from the
-#    fold, decides whether the logits must be shifted first to stay inside float32's exp range).
+# 1. e = exp(x) into a scratch buffer (shifted by the row's maximum for a row whose logits leave
+#    float32's exp range), the log-normaliser from its row sum;
+# 2. fold the first ``w * 2**j`` columns of e (``w = vocab >> j`` in [256, 512): all but < 2**j
+#    columns) onto ``w`` columns with elementwise maxima: column c then holds the maximum of the
+#    tokens congruent to c modulo w (exp is monotone: the classes are those of the logits);
+# then once over all rows:
+# 3. the k-th largest of those class maxima is a lower bound of the row's k-th largest value (they
+#    are k distinct elements of the row), so every top-k token lies in a class whose maximum reaches
+#    it, or in the few tail columns past the folded part;
+# 4. only the members of those classes (about k x 64 values) and the tail are compared with the
+#    bound (back in logit space, less a margin for exp/log rounding) and sorted exactly.
 #
 # Results equal :func:`top_candidates` (same tokens and order; log-normaliser to float32 rounding,
 # as transformers' own float32 log_softmax).
 
 _MIN_FOLD = 256
 _CHUNK_ROWS = 16
-_EXP_SAFE = 80.0  # |max logit| below which exp(logits) cannot overflow or underflow to zero
+_TINY = 1e-30  # a row sum of exp below this lost precision to underflow
 
 
 def _fold_shape(vocab: int) -> tuple[int, int]:
@@ -122,42 +124,49 @@ def _fold_shape(vocab: int) -> tuple[int, int]:
 
 
 def _reduce_chunk(x: np.ndarray, width: int, times: int, fold: np.ndarray, scratch: np.ndarray,
-                  folded_out: np.ndarray, peak_out: np.ndarray, log_norm: np.ndarray) -> None:
-    """The heavy, GIL-free part of :func:`row_top_k` for one chunk of rows: the folded class maxima
-    (``folded_out``), the row maxima and the log-normalisers, in preallocated buffers."""
+                  folded_out: np.ndarray, shift_out: np.ndarray, log_norm: np.ndarray) -> None:
+    """The heavy, GIL-free part of :func:`row_top_k` for one chunk of rows, reading the logits once:
+    ``e = exp(x - shift)`` into a cache-sized scratch buffer (``shift`` is 0 unless a row's logits
+    leave float32's exp range, then its maximum), the log-normalisers from its row sums, and the
+    class maxima of ``e`` (exp is monotone: they mark the same classes as those of ``x``)."""
     rows = x.shape[0]
+    e = scratch[:rows]
+    np.exp(x, out=e)
+    sums = e.sum(axis=1)
+    shift_out[:] = 0.0
+    bad = ~(np.isfinite(sums) & (sums > _TINY))  # exp overflowed or underflowed
+    for i in np.flatnonzero(bad):
+        peak = x[i].max()
+        shift_out[i] = peak
+        np.subtract(x[i], peak, out=e[i])
+        np.exp(e[i], out=e[i])
+        sums[i] = e[i].sum()
+    log_norm[:] = shift_out.astype(np.float64) + np.log(sums.astype(np.float64))
     span = width * times
     if span:
         half = span // 2
-        f = np.maximum(x[:, :half], x[:, half:span], out=fold[:rows, :half])
+        f = np.maximum(e[:, :half], e[:, half:span], out=fold[:rows, :half])
         while f.shape[1] > width:
             half = f.shape[1] // 2
             f = np.maximum(f[:, :half], f[:, half:], out=f[:, :half])
         folded_out[:] = f
-        peak = f.max(axis=1)
-        if x.shape[1] > span:
-            np.maximum(peak, x[:, span:].max(axis=1), out=peak)
-    else:
-        peak = x.max(axis=1)
-    peak_out[:] = peak
-    e = scratch[:rows]
-    if np.all(np.abs(peak) < _EXP_SAFE):
-        np.exp(x, out=e)
-        log_norm[:] = np.log(e.sum(axis=1).astype(np.float64))
-    else:
-        np.subtract(x, peak[:, None], out=e)
-        np.exp(e, out=e)
-        log_norm[:] = peak.astype(np.float64) + np.log(e.sum(axis=1).astype(np.float64))
 
 
-def _select(x: np.ndarray, k: int, width: int, times: int, folded: np.ndarray, tokens: np.ndarray,
-            values: np.ndarray) -> bool:
-    """Exact top-k of every row from the class maxima (steps 2-3 above); False if some row lacks k
-    candidates (only with non-finite logits: the caller then sorts those rows fully)."""
+def _select(x: np.ndarray, k: int, width: int, times: int, folded: np.ndarray, shift: np.ndarray,
+            tokens: np.ndarray, values: np.ndarray) -> bool:
+    """Exact top-k of every row from the class maxima of exp(x - shift) (steps 2-3 above); False
+    if some row lacks k candidates (non-finite logits: the caller then sorts fully).
+
+    The bound in logit space is log(bound) + shift less a margin covering exp/log rounding, so
+    every token at or above the k-th largest logit is a candidate; candidates are then ordered
+    exactly by their logits (value descending, token ascending)."""
     rows = x.shape[0]
     span = width * times
-    bound = np.partition(folded, width - k, axis=1)[:, width - k]
-    r, c = np.nonzero(folded >= bound[:, None])
+    bound_e = np.partition(folded, width - k, axis=1)[:, width - k]
+    r, c = np.nonzero(folded >= bound_e[:, None])
+    with np.errstate(divide="ignore"):
+        bound = np.log(bound_e.astype(np.float64)) + shift
+    bound = (bound - 1e-4 * np.maximum(1.0, np.abs(bound))).astype(np.float32)  # exp/log rounding margin
     members = c[:, None] + width * np.arange(times)
     vals = x[r[:, None], members]
     hit_i, hit_j = np.nonzero(vals >= bound[r][:, None])
@@ -208,7 +217,7 @@ class RowTopK:
             return tokens, values, log_norm
         width, times = _fold_shape(vocab)
         folded = np.empty((rows, max(width, 1)), dtype=np.float32)
-        peak = np.empty(rows, dtype=np.float32)
+        shift = np.empty(rows, dtype=np.float64)
         chunks = [(i, min(i + _CHUNK_ROWS, rows)) for i in range(0, rows, _CHUNK_ROWS)]
         workers = min(self.threads, len(chunks))
         if self._vocab != vocab:
@@ -221,7 +230,7 @@ class RowTopK:
             fold, scratch = self._buffers[worker]
             with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits: a broken model, not a crash
                 for a, b in chunks[worker::workers]:
-                    _reduce_chunk(logits[a:b], width, times, fold, scratch, folded[a:b], peak[a:b], log_norm[a:b])
+                    _reduce_chunk(logits[a:b], width, times, fold, scratch, folded[a:b], shift[a:b], log_norm[a:b])
 
         if workers <= 1:
             run(0)
@@ -235,8 +244,8 @@ class RowTopK:
             for f in futures:
                 f.result()
         with np.errstate(invalid="ignore", over="ignore"):
-            finite = bool(np.all(np.isfinite(peak)))
-            if not (width and k <= width // 4 and finite and _select(logits, k, width, times, folded, tokens, values)):
+            finite = bool(np.all(np.isfinite(log_norm)))
+            if not (width and k <= width // 4 and finite and _select(logits, k, width, times, folded, shift, tokens, values)):
                 _exact_top_k(logits, k, tokens, values)
         return tokens, values, log_norm
 
