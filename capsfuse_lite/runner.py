@@ -214,6 +214,7 @@ class FuseConfig:
     n_gpu_layers: int | None = None
     n_ctx: int | None = None
     n_threads: int | None = None
+    kv_type: str | None = None  # the engine's KV cache element type (f16 by default)
     limit: int | None = None
     shard: tuple[int, int] | None = None
     resume: bool = False
@@ -222,6 +223,11 @@ class FuseConfig:
 
     def __post_init__(self) -> None:
         self.input, self.output = Path(self.input), Path(self.output)
+        if self.kv_type is not None:
+            from .plan import KV_TYPE_BYTES
+
+            if self.kv_type not in KV_TYPE_BYTES:
+                raise ConfigError(f"--kv-type {self.kv_type}: use one of {', '.join(KV_TYPE_BYTES)}")
         self.slots = parse_slots(self.slots)
         flags = {"beams": "--beams", "max_new_tokens": "--max-new-tokens", "n_ctx": "--ctx",
                  "n_threads": "--threads"}
@@ -326,7 +332,7 @@ def settings_fingerprint(cfg: FuseConfig, meta: dict, model_sha256: str) -> dict
 
 def fuser_kwargs(cfg: FuseConfig, fingerprint: dict) -> dict:
     """Keyword arguments for the engine (``Fuser``) of a run with ``cfg`` and ``fingerprint``."""
-    kwargs = {k: getattr(cfg, k) for k in ("slots", "n_gpu_layers", "n_ctx", "n_threads")}
+    kwargs = {k: getattr(cfg, k) for k in ("slots", "n_gpu_layers", "n_ctx", "n_threads", "kv_type")}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs["beams"] = fingerprint["beams"]
     kwargs["max_new_tokens"] = fingerprint["max_new_tokens"]

@@ -106,3 +106,22 @@ def test_a_gpu_that_reports_no_memory_gets_the_gpu_knee(monkeypatch, tmp_path):
     monkeypatch.setenv("CAPSFUSE_LITE_CACHE", str(tmp_path))
     choice = auto({"description": "Some GPU", "free": None, "total": None}, beams=1, unified=False)
     assert choice.slots == plan.DEFAULT_KNEE[("gpu", 1)] and "not reported" in choice.reason
+
+
+def test_the_options_plan_errors_name_exist_on_fuse():
+    import re
+
+    from typer.testing import CliRunner
+
+    from capsfuse_lite.cli import app
+
+    messages = []
+    for device, requested in ((gpu(16), 64), (gpu(0.5), "auto")):
+        with pytest.raises(ConfigError) as info:
+            auto(device, requested=requested)
+        messages.append(str(info.value))
+    help_text = CliRunner().invoke(app, ["fuse", "--help"], env={"COLUMNS": "200"}).output
+    flags = {flag for message in messages for flag in re.findall(r"--[a-z][a-z-]+", message)}
+    assert {"--slots", "--kv-type", "--n-gpu-layers"} <= flags
+    for flag in flags:
+        assert flag in help_text, flag
