@@ -6,9 +6,15 @@
 #
 # It installs the carried wheels, builds llama.cpp's shared libraries with CUDA (or unpacks a carried
 # build: gpu-carry/cuda-libs.tar.xz.*, which the first run leaves under $OUT for the next), writes a
-# 13B-shaped q4_k_m GGUF with random weights, checks that outputs at many slots equal those at one
-# slot, then measures `capsfuse-lite bench` and llama.cpp's llama-batched-bench on the same file.
-# Everything it learns lands in $OUT (log.txt, parity.json, bench.json, batched-bench.txt).
+# 13B-shaped q4_k_m GGUF with random weights, checks that llama.cpp loads with numpy imported first,
+# measures `capsfuse-lite bench` (greedy, then 3 beams) and llama.cpp's llama-batched-bench on the
+# same file, and checks that outputs at many slots equal those at one slot.
+#
+# Device time is scarce, so the steps run in order of value and each is skipped when the time left
+# (CHECK_DEADLINE seconds after the start, default 560) is below its estimate. A step that finished
+# leaves a marker under $WORK: the same command run again on the still-warm machine does only the
+# steps left, and every call copies all results so far into its $OUT (log.txt, bench-*.json,
+# batched-bench.txt, import-order.txt, parity.json).
 #
 # CHECK_DEVICE=cpu runs the same steps on a CPU-only machine with a tiny model (a dry run of the
 # script itself; no CUDA build).
@@ -17,44 +23,66 @@ T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu-check-out}
 CARRY=${CARRY:-gpu-carry}
 DEVICE=${CHECK_DEVICE:-gpu}
-SHAPE=${CHECK_SHAPE:-$([ "$DEVICE" = gpu ] && echo 13b || echo tiny)}
-ROWS=${CHECK_ROWS:-$([ "$DEVICE" = gpu ] && echo 256 || echo 16)}
-SLOTS=${CHECK_SLOTS:-$([ "$DEVICE" = gpu ] && echo 32,64,128 || echo 1,4)}
+GPU=$([ "$DEVICE" = gpu ] && echo 1 || echo "")
+SHAPE=${CHECK_SHAPE:-$([ $GPU ] && echo 13b || echo tiny)}
+ROWS=${CHECK_ROWS:-$([ $GPU ] && echo 256 || echo 16)}
+GREEDY_SLOTS=${CHECK_GREEDY_SLOTS:-$([ $GPU ] && echo 64,128 || echo 1,4)}
+BEAM_SLOTS=${CHECK_BEAM_SLOTS:-$([ $GPU ] && echo 32,64 || echo 1,4)}
+PARITY_SLOTS=${CHECK_PARITY_SLOTS:-$([ $GPU ] && echo 64 || echo 4)}
+DEADLINE=${CHECK_DEADLINE:-560}
 WORK=${CHECK_WORK:-/tmp/gpu-check}
-mkdir -p "$OUT" "$WORK"
-log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
+RES="$WORK/results"
+mkdir -p "$OUT" "$WORK" "$RES"
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$RES/log.txt"; }
+publish() { cp -a "$RES"/. "$OUT"/ 2>/dev/null || true; }
+trap publish EXIT
+# step NAME SECONDS: true when NAME has not run yet and its estimate fits in the time left
+step() {
+  if [ -e "$WORK/done.$1" ]; then return 1; fi
+  local left=$(( DEADLINE - ($(date +%s) - T0) ))
+  if [ "$left" -lt "$2" ]; then log "SKIPPED $1: needs ~$2 s, $left s left (run the same command again)"; return 1; fi
+  log "== $1 (~$2 s, $left s left)"
+  STEP_T=$(( left - 10 ))  # a step that overruns is cut off before the call's own limit
+}
+done_() { touch "$WORK/done.$1"; }
 
-log "device=$DEVICE shape=$SHAPE rows=$ROWS slots=$SLOTS"
-python3 -m venv --system-site-packages "$WORK/venv"
-. "$WORK/venv/bin/activate"
-if [ "$DEVICE" = cpu ]; then  # the dry run: this machine's Python may lack what the GPU image has
-  pip install -q numpy typer rich
+log "device=$DEVICE shape=$SHAPE rows=$ROWS greedy=$GREEDY_SLOTS beams=$BEAM_SLOTS parity=$PARITY_SLOTS"
+if step install 30; then
+  python3 -m venv --system-site-packages "$WORK/venv"
+  . "$WORK/venv/bin/activate"
+  if [ -z "$GPU" ]; then  # the dry run: this machine's Python may lack what the GPU image has
+    pip install -q numpy typer rich
+  fi
+  pip install -q --no-index --no-deps --find-links "$CARRY/wheels" \
+    capsfuse-lite llama-cpp-python gguf diskcache jinja2 MarkupSafe typing-extensions
+  done_ install
 fi
-pip install -q --no-index --no-deps --find-links "$CARRY/wheels" \
-  capsfuse-lite llama-cpp-python gguf diskcache jinja2 MarkupSafe typing-extensions
+. "$WORK/venv/bin/activate"
 LIB=$(python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llama_cpp').origin), 'lib'))")
 
-if [ "$DEVICE" = gpu ]; then
+if [ $GPU ] && step cuda-build 260; then
   if ls "$CARRY"/cuda-libs.tar.xz.* >/dev/null 2>&1; then
     log "unpacking the carried CUDA build"
     cat "$CARRY"/cuda-libs.tar.xz.* | tar -xJ -C "$WORK"
   else
-    log "building llama.cpp with CUDA"
     tar -xJf "$CARRY/llama.cpp.tar.xz" -C "$WORK"
     cmake -S "$WORK/llama.cpp" -B "$WORK/build" -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90} \
       -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" ${EXTRA_CMAKE_ARGS:-} > "$OUT/cmake.txt" 2>&1
-    ninja -C "$WORK/build" -j"$(nproc)" llama llama-batched-bench > "$OUT/ninja.txt" 2>&1
+      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" ${EXTRA_CMAKE_ARGS:-} > "$RES/cmake.txt" 2>&1
+    ninja -C "$WORK/build" -j"$(nproc)" llama llama-batched-bench > "$RES/ninja.txt" 2>&1
     mkdir -p "$WORK/cuda-libs"
     cp -a "$WORK"/build/bin/*.so* "$WORK/build/bin/llama-batched-bench" "$WORK/cuda-libs/"
-    (cd "$WORK" && tar -cJf - cuda-libs | split -b 20m - "$OUT/cuda-libs.tar.xz.")
-    log "built; the libraries are saved as $OUT/cuda-libs.tar.xz.* (carry them next time)"
+    # saved for a fresh machine (carry them next time); in the background, on a few cores
+    (cd "$WORK" && nice -n 10 tar -cf - cuda-libs | xz -T4 -6 | split -b 20m - "$RES/cuda-libs.tar.xz." \
+      && echo "[saved] $RES/cuda-libs.tar.xz.*" >> "$RES/log.txt") &
+    log "built"
   fi
   cp -a "$WORK"/cuda-libs/*.so* "$LIB/"
-  nm -DC --defined-only "$LIB/libggml-cuda.so" 2>/dev/null | grep -c 'std::' > "$OUT/libggml-cuda-std-exports.txt" || true
-  readelf -d "$LIB/libggml-cuda.so" | grep NEEDED >> "$OUT/libggml-cuda-std-exports.txt" || true
+  { echo "exported std:: symbols in libggml-cuda.so:"; nm -DC --defined-only "$LIB/libggml-cuda.so" | grep -c 'std::' || true
+    readelf -d "$LIB/libggml-cuda.so" | grep NEEDED || true; } > "$RES/libggml-cuda-exports.txt" 2>&1
+  done_ cuda-build
 fi
-python - <<'PY' | tee -a "$OUT/log.txt"
+python - <<'PY' 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off at the deadline)"
 from capsfuse_lite.llama import devices, libstdcxx_hazard, supports_gpu_offload
 print("gpu offload:", supports_gpu_offload(), "| private libstdc++ in:", libstdcxx_hazard())
 for d in devices():
@@ -62,23 +90,65 @@ for d in devices():
 PY
 
 MODEL="$WORK/bench-$SHAPE-q4_k_m.gguf"
-log "writing the $SHAPE bench model"
-capsfuse-lite bench-model -o "$MODEL" --shape "$SHAPE" --type q4_k_m --force | tee -a "$OUT/log.txt"
-
-log "parity: many slots vs one slot (greedy and 3 beams)"
-python benchmarks/gpu/parity.py "$MODEL" --slots "${SLOTS##*,}" --out "$OUT/parity.json" | tee -a "$OUT/log.txt"
-
-log "capsfuse-lite bench"
-capsfuse-lite bench --model "$MODEL" --rows "$ROWS" --max-new-tokens 80 --slots "$SLOTS" --beams 1,3 \
-  --baselines none --repeats 2 -o "$OUT/bench.json" --force 2>&1 | tee -a "$OUT/log.txt"
-
-if [ -x "$WORK/cuda-libs/llama-batched-bench" ]; then
-  log "llama-batched-bench (per-sequence streams, and -kvu unified)"
-  BB="$WORK/cuda-libs/llama-batched-bench"
-  LD_LIBRARY_PATH="$LIB" "$BB" -m "$MODEL" -c 65536 -b 2048 -ub 512 -npp 47 -ntg 80 -npl 64,128 -ngl 99 -fa on \
-    > "$OUT/batched-bench.txt" 2>&1 || true
-  LD_LIBRARY_PATH="$LIB" "$BB" -m "$MODEL" -c 65536 -b 2048 -ub 512 -npp 47 -ntg 80 -npl 64,128 -ngl 99 -fa on -kvu \
-    >> "$OUT/batched-bench.txt" 2>&1 || true
-  grep -E "^\|" "$OUT/batched-bench.txt" | tee -a "$OUT/log.txt" || true
+TINY="$WORK/bench-tiny-q4_k_m.gguf"
+if step model 90; then
+  capsfuse-lite bench-model -o "$MODEL" --shape "$SHAPE" --type q4_k_m --force 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off at the deadline)"
+  [ "$SHAPE" = tiny ] || capsfuse-lite bench-model -o "$TINY" --shape tiny --type q4_k_m --force -q
+  done_ model
 fi
+[ -e "$TINY" ] || TINY="$MODEL"
+
+if step import-order 40; then
+  # the CUDA 13 report: numpy imported before llama.cpp's libraries made model loading segfault
+  # (run outside the repository: a source checkout's capsfuse_lite/ lacks the installed .convert)
+  for order in "import numpy; import llama_cpp" "import llama_cpp; import numpy"; do
+    rc=0; timeout 60 python -c "$order
+from llama_cpp import Llama
+m = Llama(model_path='$TINY', n_gpu_layers=99, verbose=True)
+print('generated:', m('a photo of', max_tokens=4)['choices'][0]['text'] != None)" > "$WORK/io.txt" 2>&1 || rc=$?
+    echo "[$order] llama_cpp.Llama load with offload: exit $rc" | tee -a "$RES/import-order.txt" "$RES/log.txt"
+    grep -E "print_info: (file type|model params)|offloaded|generated" "$WORK/io.txt" >> "$RES/import-order.txt" || true
+  done
+  rc=0; (cd "$WORK" && timeout 60 python -c "import numpy
+from capsfuse_lite import Fuser
+with Fuser('$TINY', slots=2) as f:
+    print(len(list(f.fuse([('a dog', 'a brown dog on grass')]))), 'row')") >> "$RES/import-order.txt" 2>&1 || rc=$?
+  echo "[import numpy; from capsfuse_lite import Fuser] exit $rc" | tee -a "$RES/import-order.txt" "$RES/log.txt"
+  done_ import-order
+fi
+
+BENCH="capsfuse-lite bench --model $MODEL --rows $ROWS --max-new-tokens 80 --baselines none --repeats 2 --warmup-rows 32 --force -q"
+if step bench-greedy 110; then
+  timeout "$STEP_T" $BENCH --slots "$GREEDY_SLOTS" --beams 1 -o "$RES/bench-greedy.json" 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off at the deadline)"
+  done_ bench-greedy
+fi
+if step bench-beams 200; then
+  timeout "$STEP_T" $BENCH --slots "$BEAM_SLOTS" --beams 3 -o "$RES/bench-beams.json" 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off at the deadline)"
+  done_ bench-beams
+fi
+
+BB="$WORK/cuda-libs/llama-batched-bench"
+if [ -x "$BB" ] && step batched-bench 60; then
+  for args in "-npl 64,128" "-npl 64,128 -kvu" "-npl 128 -ub 2048"; do
+    echo "## llama-batched-bench -npp 47 -ntg 80 $args" >> "$RES/batched-bench.txt"
+    LD_LIBRARY_PATH="$LIB" timeout 60 "$BB" -m "$MODEL" -c 32768 -b 2048 -ub 512 -npp 47 -ntg 80 -ngl 99 -fa on $args \
+      2>&1 | grep -E "^\||^main:" >> "$RES/batched-bench.txt" || true
+  done
+  cat "$RES/batched-bench.txt" | tee -a "$RES/log.txt"
+  done_ batched-bench
+fi
+
+if step parity 120; then
+  timeout "$STEP_T" python benchmarks/gpu/parity.py "$MODEL" --slots "$PARITY_SLOTS" --out "$RES/parity.json" 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off at the deadline)"
+  done_ parity
+fi
+if step fuse-auto 40; then  # what --slots auto picks here, and the line that says why
+  SAMPLE=$(cd "$WORK" && python -c "from capsfuse_lite.bench import sample_captions_path; print(sample_captions_path())")
+  timeout "$STEP_T" capsfuse-lite fuse "$SAMPLE" -o "$WORK/fused.jsonl" --model "$MODEL" --force --verbose 2>&1 \
+    | grep -v "^llama_\|^load\|^print_info\|^ggml_\|^graph_\|^sched_" | tail -15 | tee -a "$RES/log.txt" || log "exit $?"
+  python -c "import json; s = json.load(open('$WORK/fused.jsonl.meta.json'))['settings']; print(s['slots_reason'])" \
+    2>&1 | tee -a "$RES/log.txt" || true
+  done_ fuse-auto
+fi
+wait
 log "done"
