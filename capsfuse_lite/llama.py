@@ -437,16 +437,21 @@ class Batch:
         self.n_outputs += bool(logits)
         return i
 
-    def add_tokens(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> int:
-        """Append one token per entry, each with its logits requested (one decode step of many
-        sequences); returns the batch index of the first."""
+    def add_tokens(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int],
+                   outputs: Sequence[int] | None = None) -> int:
+        """Append one token per entry, each with its logits requested unless ``outputs`` (1/0 per
+        token) says otherwise; returns the batch index of the first."""
         n = len(tokens)
         i = self._reserve(n)
         self.token[i : i + n] = tokens
         self.pos[i : i + n] = positions
         self.seq[i : i + n] = seq_ids
-        self.output[i : i + n] = 1
-        self.n_outputs += n
+        if outputs is None:
+            self.output[i : i + n] = 1
+            self.n_outputs += n
+        else:
+            self.output[i : i + n] = outputs
+            self.n_outputs += int(self.output[i : i + n].sum())
         return i
 
     def add_sequence(self, tokens: Sequence[int], pos0: int, seq_id: int, logits_last: bool) -> int:

@@ -33,7 +33,8 @@ CELL_PAD = 256  # llama.cpp pads KV sizes (n_ctx, and n_ctx per stream) to multi
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
                  "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
 # Throughput knees when this device has not been benchmarked. GPU: issue 8's H100 measurements
-# (greedy rose up to 64 slots and fell past it; 3 beams peaked at 32). CPU: README's 2-core tables
+# (greedy rose up to 64 slots and fell past it; 3 beams peaked at 32); on an H200 (README) 3 beams
+# peaked at 32 again and greedy with streams gained 9 % from 64 to 128 slots. CPU: README's 2-core tables
 # (greedy gains up to 16 slots, 3 beams no more past 8).
 DEFAULT_KNEE = {("gpu", 1): 64, ("gpu", "beams"): 32, ("cpu", 1): 16, ("cpu", "beams"): 8}
 FIT_FRACTION = 0.92  # of the free memory the estimate may use (allocator slack, fragmentation)

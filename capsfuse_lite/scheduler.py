@@ -11,6 +11,15 @@ Every ``llama_decode`` packs, in this order:
 2. prompt chunks of rows still being prefilled, oldest admission first, until the batch holds
    ``n_batch`` tokens; logits are requested only for a prompt's last token.
 
+With per-sequence streams the same tokens are laid out in ascending sequence id instead (each
+sequence's tokens together). llama.cpp splits a batch for a
+multi-stream cache into micro-batches of *consecutive, increasing* sequence ids, each holding the
+same number of tokens per sequence (``split_equal`` with ``sequential=true``), and every
+micro-batch is a full pass over the weights. In admission order, once rows finish at different
+steps, a decode step of N rows broke into up to N such passes; in sequence order a step whose slots
+are all busy is one pass for its first token of every sequence (prompt chunks still add passes for
+their remaining tokens).
+
 A row is admitted into a free slot when the KV cache can hold its worst case: its own prompt
 tokens (those after the part shared with the prefix) plus ``beams * max_new_tokens`` generated
 cells. The shared part is copied from sequence 0 with ``llama_memory_seq_cp`` (positions
@@ -197,10 +206,13 @@ class Scheduler:
             # one decode step
             t_fill = clock()
             counters.admit_s += t_fill - step_start
-            generating, completing = self._fill_batch(active)
+            if self.streams:
+                generating, completing, order = self._fill_batch_by_sequence(active)
+            else:
+                (generating, completing), order = self._fill_batch(active), None
             counters.batch_s += clock() - t_fill
             device = self._decode()
-            finished = self._search(generating, completing, ctx.outputs(batch.n_outputs))
+            finished = self._search(generating, completing, ctx.outputs(batch.n_outputs), order)
             t_free = clock()
             for row in finished:
                 for seq in self.slot_seqs[row.slot]:
@@ -271,14 +283,67 @@ class Scheduler:
                 completing.append(row)
         return generating, completing
 
-    def _search(self, generating: list[_Row], completing: list[_Row], logits: np.ndarray) -> list[_Row]:
-        """Advance every row by one token from the step's logits; fork KV for beams; returns the
-        rows that finished."""
+    def _fill_batch_by_sequence(self, active: list[_Row]) -> tuple[list[_Row], list[_Row], np.ndarray]:
+        """:meth:`_fill_batch` for per-sequence streams (greedy): the same tokens (one per generating
+        row; prompt chunks given out oldest admission first from what the generating rows leave
+        free) laid out in ascending sequence id. Returns the generating and completing rows and, for
+        each of them in that order, the index of its logits row in the step's outputs."""
+        batch = self.batch
+        batch.clear()
+        budget = batch.capacity - sum(1 for row in active if not row.prefilling)
+        chunks: dict[int, int] = {}
+        for row in active:  # oldest admission first
+            if row.prefilling and budget > 0:
+                chunks[id(row)] = chunk = min(row.prompt_len - row.n_prefilled, budget)
+                budget -= chunk
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[int] = []
+        outputs: list[int] = []
+        generating: list[_Row] = []
+        completing: list[_Row] = []
+        gen_out: list[int] = []
+        done_out: list[int] = []
+        n_out = 0
+        for row in sorted(active, key=lambda r: r.slot):
+            seq = row.beam_seqs[0]
+            if not row.prefilling:
+                tokens += row.search.last_tokens()
+                positions.append(row.prompt_len + row.search.n_generated - 1)
+                seqs.append(seq)
+                outputs.append(1)
+                generating.append(row)
+                gen_out.append(n_out)
+                n_out += 1
+                continue
+            chunk = chunks.get(id(row), 0)
+            if chunk == 0:
+                continue
+            start = row.n_prefilled
+            tokens += row.prompt.token_ids[start : start + chunk]
+            positions += range(start, start + chunk)
+            seqs += [seq] * chunk
+            row.n_prefilled += chunk
+            completes = row.n_prefilled == row.prompt_len
+            outputs += [0] * (chunk - 1) + [int(completes)]
+            if completes:
+                completing.append(row)
+                done_out.append(n_out)
+                n_out += 1
+        batch.add_tokens(tokens, positions, seqs, outputs)
+        return generating, completing, np.array(gen_out + done_out, dtype=np.intp)
+
+    def _search(self, generating: list[_Row], completing: list[_Row], logits: np.ndarray,
+                order: np.ndarray | None = None) -> list[_Row]:
+        """Advance every row by one token from the step's logits (row ``order[i]`` for the i-th of
+        ``generating + completing``, else in that order); fork KV for beams; returns the rows that
+        finished."""
         finished: list[_Row] = []
         counters, clock = self.counters, time.perf_counter
         t0 = clock()
         if self.beams == 1:
-            tokens = logits.argmax(axis=1).tolist()
+            best = logits.argmax(axis=1)
+            tokens = (best if order is None else best[order]).tolist()
             t1 = clock()
             for row, token in zip(generating + completing, tokens):
                 row.search.advance(token)

@@ -58,3 +58,43 @@ def test_host_and_device_time_add_up(tiny_gguf_q8, pairs):
     assert stats.decode_calls >= stats.steps  # plus the shared prefix's own decode
     assert stats.host_ms_per_step == pytest.approx(1e3 * stats.host_s / stats.steps)
     assert stats.kv_s > 0  # beams forked
+
+
+def _recorded_batches(monkeypatch, gguf, pairs, **kw):
+    """The sequence id of every token of every llama_decode call of a run."""
+    from capsfuse_lite.llama import Context
+
+    calls: list[list[int]] = []
+    decode = Context.decode
+
+    def recording(self, batch):
+        calls.append(batch.seq[: batch.n_tokens].tolist())
+        return decode(self, batch)
+
+    monkeypatch.setattr(Context, "decode", recording)
+    tokens, _, _ = fuse(gguf, pairs, **kw)
+    return tokens, calls
+
+
+def _passes(seqs: list[int]) -> int:
+    """Runs of consecutive increasing sequence ids among a batch's sequences in batch order: llama.cpp
+    takes at least one micro-batch (a full pass over the weights) per run with per-sequence streams."""
+    order = list(dict.fromkeys(seqs))
+    return 1 + sum(1 for a, b in zip(order, order[1:]) if b != a + 1)
+
+
+def test_streams_lay_out_every_step_in_sequence_order(monkeypatch, tiny_gguf_q8, pairs):
+    """With a small n_batch, prompts take several steps, rows start and finish at different steps
+    and refill slots out of order; every decode must still list its sequences in ascending id, each
+    sequence's tokens together, so that a step with every slot busy is one run (one weight pass for
+    every sequence's first token) instead of one per out-of-order row."""
+    rows = pairs * 3
+    reference, _ = _recorded_batches(monkeypatch, tiny_gguf_q8, rows, slots=1, beams=1, kv_unified=False)
+    tokens, calls = _recorded_batches(monkeypatch, tiny_gguf_q8, rows, slots=6, beams=1, kv_unified=False, n_batch=64)
+    assert tokens == reference  # the layout changes no output
+    main = [seqs for seqs in calls if set(seqs) != {0}]  # not the shared prefix's own decodes
+    for seqs in main:
+        assert seqs == sorted(seqs), seqs
+    busy = [seqs for seqs in main if len(set(seqs)) == 6]  # all six slots in the step
+    assert len(busy) > 20
+    assert all(_passes(seqs) == 1 for seqs in busy)

@@ -13,8 +13,8 @@
 # Device time is scarce, so the steps run in order of value and each is skipped when the time left
 # (CHECK_DEADLINE seconds after the start, default 560) is below its estimate. A step that finished
 # leaves a marker under $WORK: the same command run again on the still-warm machine does only the
-# steps left, and every call copies all results so far into its $OUT (log.txt, bench-*.json,
-# batched-bench.txt, import-order.txt, parity.json).
+# steps left, and every call leaves all results so far in its $OUT: results.tar.gz (log.txt,
+# bench-*.json, batched-bench.txt, import-order.txt, parity.json, build logs) and log.txt.
 #
 # CHECK_DEVICE=cpu runs the same steps on a CPU-only machine with a tiny model (a dry run of the
 # script itself; no CUDA build).
@@ -34,7 +34,13 @@ WORK=${CHECK_WORK:-/tmp/gpu-check}
 RES="$WORK/results"
 mkdir -p "$OUT" "$WORK" "$RES"
 log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$RES/log.txt"; }
-publish() { cp -a "$RES"/. "$OUT"/ 2>/dev/null || true; }
+# the device tool brings back only a few files per call: one archive of the results, the log, and
+# the parts of the built libraries
+publish() {
+  tar -czf "$OUT/results.tar.gz" -C "$RES" --exclude 'cuda-libs.tar.xz.*' . 2>/dev/null || true
+  cp -a "$RES/log.txt" "$OUT/" 2>/dev/null || true
+  cp -a "$RES"/cuda-libs.tar.xz.* "$OUT/" 2>/dev/null || true
+}
 trap publish EXIT
 # step NAME SECONDS: true when NAME has not run yet and its estimate fits in the time left
 step() {
@@ -48,16 +54,26 @@ done_() { touch "$WORK/done.$1"; }
 
 log "device=$DEVICE shape=$SHAPE rows=$ROWS greedy=$GREEDY_SLOTS beams=$BEAM_SLOTS parity=$PARITY_SLOTS"
 if step install 30; then
-  python3 -m venv --system-site-packages "$WORK/venv"
-  . "$WORK/venv/bin/activate"
-  if [ -z "$GPU" ]; then  # the dry run: this machine's Python may lack what the GPU image has
-    pip install -q numpy typer rich
-  fi
-  pip install -q --no-index --no-deps --find-links "$CARRY/wheels" \
+  PY=python3  # the interpreter that has the image's numpy, typer and rich
+  for p in python3 python /usr/bin/python3 /usr/local/bin/python3 /opt/conda/bin/python; do
+    if command -v "$p" >/dev/null && "$p" -c "import numpy, typer, rich" 2>/dev/null; then PY=$p; break; fi
+  done
+  log "python: $(command -v $PY) $($PY --version 2>&1)"
+  # into a folder on PYTHONPATH: the image's Python may be a venv without pip (its packages are not
+  # "system site packages" of a new venv either)
+  pip install -q --target "$WORK/site" --no-index --no-deps --find-links "$CARRY/wheels" \
     capsfuse-lite llama-cpp-python gguf diskcache jinja2 MarkupSafe typing-extensions
+  if [ -z "$GPU" ] && ! $PY -c "import numpy, typer, rich" 2>/dev/null; then
+    $PY -m pip install -q --target "$WORK/site" numpy typer rich  # the dry run: what the GPU image has
+  fi
+  mkdir -p "$WORK/bin"
+  PYPATH=$(command -v $PY)
+  printf '#!/bin/sh\nexec %s -P -m capsfuse_lite "$@"\n' "$PYPATH" > "$WORK/bin/capsfuse-lite"
+  printf '#!/bin/sh\nexec %s -P "$@"\n' "$PYPATH" > "$WORK/bin/python"
+  chmod +x "$WORK/bin/capsfuse-lite" "$WORK/bin/python"
   done_ install
 fi
-. "$WORK/venv/bin/activate"
+export PATH="$WORK/bin:$PATH" PYTHONPATH="$WORK/site"
 LIB=$(python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llama_cpp').origin), 'lib'))")
 
 if [ $GPU ] && step cuda-build 260; then
@@ -66,6 +82,9 @@ if [ $GPU ] && step cuda-build 260; then
     cat "$CARRY"/cuda-libs.tar.xz.* | tar -xJ -C "$WORK"
   else
     tar -xJf "$CARRY/llama.cpp.tar.xz" -C "$WORK"
+    # the trimmed sources keep only tools/batched-bench: build that tool alone, no app/
+    echo 'add_subdirectory(batched-bench)' > "$WORK/llama.cpp/tools/CMakeLists.txt"
+    mkdir -p "$WORK/llama.cpp/app" && touch "$WORK/llama.cpp/app/CMakeLists.txt"
     cmake -S "$WORK/llama.cpp" -B "$WORK/build" -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90} \
       -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
       -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" ${EXTRA_CMAKE_ARGS:-} > "$RES/cmake.txt" 2>&1
@@ -77,11 +96,11 @@ if [ $GPU ] && step cuda-build 260; then
       && echo "[saved] $RES/cuda-libs.tar.xz.*" >> "$RES/log.txt") &
     log "built"
   fi
-  cp -a "$WORK"/cuda-libs/*.so* "$LIB/"
   { echo "exported std:: symbols in libggml-cuda.so:"; nm -DC --defined-only "$LIB/libggml-cuda.so" | grep -c 'std::' || true
     readelf -d "$LIB/libggml-cuda.so" | grep NEEDED || true; } > "$RES/libggml-cuda-exports.txt" 2>&1
   done_ cuda-build
 fi
+if [ $GPU ]; then cp -a "$WORK"/cuda-libs/*.so* "$LIB/"; fi
 python - <<'PY' 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off at the deadline)"
 from capsfuse_lite.llama import devices, libstdcxx_hazard, supports_gpu_offload
 print("gpu offload:", supports_gpu_offload(), "| private libstdc++ in:", libstdcxx_hazard())
