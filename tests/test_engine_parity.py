@@ -166,13 +166,17 @@ def test_greedy_matches_transformers_and_slots_do_not_change_outputs(tiny_gguf_f
             assert r.text == sp.decode(r.token_ids).strip()
 
 
-def test_greedy_with_eos_matches_transformers(eos_model, sample_rows):
-    prompts, results = fuse_all(eos_model[1], pairs_of(sample_rows), slots=8, beams=1)
+@pytest.mark.parametrize("kv_unified", [True, False], ids=["unified", "streams"])
+def test_greedy_with_eos_matches_transformers(eos_model, sample_rows, kv_unified):
+    """Rows end at different steps (EOS), so slots refill out of order: with per-sequence streams
+    the scheduler lays each step out in sequence order (the GPU's greedy layout), which must not
+    change what any row gets."""
+    prompts, results = fuse_all(eos_model[1], pairs_of(sample_rows), slots=8, beams=1, kv_unified=kv_unified)
     reasons = collections.Counter(r.finish_reason for r in results)
     assert reasons["eos"] >= 3 and reasons["length"] >= 3
     assert all(len(r.token_ids) == MAX_NEW for r in results if r.finish_reason == "length")
     refs = hf_references(eos_model[0], [p.token_ids for p in prompts], beams=1)
-    check_rows("greedy, EOS variant, 8 slots", verdicts(refs, results, beams=1))
+    check_rows(f"greedy, EOS variant, 8 slots, {'unified' if kv_unified else 'streams'}", verdicts(refs, results, beams=1))
 
 
 def test_beam_search_bookkeeping_replays_current_transformers(eos_model, sample_rows):
