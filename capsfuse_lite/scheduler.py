@@ -206,10 +206,7 @@ class Scheduler:
             # one decode step
             t_fill = clock()
             counters.admit_s += t_fill - step_start
-            if self.streams:
-                generating, completing, order = self._fill_batch_by_sequence(active)
-            else:
-                (generating, completing), order = self._fill_batch(active), None
+            generating, completing, order = self._fill_batch(active)
             counters.batch_s += clock() - t_fill
             device = self._decode()
             finished = self._search(generating, completing, ctx.outputs(batch.n_outputs), order)
@@ -252,86 +249,59 @@ class Scheduler:
             self.ctx.seq_cp(PREFIX_SEQ, seq0, 0, shared)
         return _Row(index, prompt, slot, self._new_search(), [seq0], shared, need)
 
-    def _fill_batch(self, active: list[_Row]) -> tuple[list[_Row], list[_Row]]:
-        """Fill the batch; returns the generating rows (one output per running beam, in order, first
-        in the batch) and the rows whose prompt completes in this step (one output each, after)."""
+    def _fill_batch(self, active: list[_Row]) -> tuple[list[_Row], list[_Row], np.ndarray | None]:
+        """Fill the batch: one token per running beam of every generating row, then prompt chunks
+        of prefilling rows, oldest admission first, in what the generating rows leave free. Laid out
+        generating rows first, then prompt chunks, in admission order (unified cache), or row by row
+        in ascending sequence id (per-sequence streams). Returns the generating rows, the rows whose
+        prompt completes in this step, and ``order``: for each of ``generating + completing``, the
+        index of its (first) logits row, or None when the outputs are already in that order."""
         batch = self.batch
         batch.clear()
-        generating = [row for row in active if not row.prefilling]
-        if generating:
-            tokens: list[int] = []
-            positions: list[int] = []
-            seqs: list[int] = []
-            for row in generating:
-                last = row.search.last_tokens()
-                tokens += last
-                seqs += row.beam_seqs
-                positions += [row.prompt_len + row.search.n_generated - 1] * len(last)
-            batch.add_tokens(tokens, positions, seqs)
-        completing = []
-        for row in active:
-            if not row.prefilling:
-                continue
-            if batch.free == 0:
-                break
-            ids = row.prompt.token_ids
-            chunk = min(row.prompt_len - row.n_prefilled, batch.free)
-            completes = row.n_prefilled + chunk == row.prompt_len
-            batch.add_sequence(ids[row.n_prefilled : row.n_prefilled + chunk], row.n_prefilled, row.beam_seqs[0], completes)
-            row.n_prefilled += chunk
-            if completes:
-                completing.append(row)
-        return generating, completing
-
-    def _fill_batch_by_sequence(self, active: list[_Row]) -> tuple[list[_Row], list[_Row], np.ndarray]:
-        """:meth:`_fill_batch` for per-sequence streams (greedy): the same tokens (one per generating
-        row; prompt chunks given out oldest admission first from what the generating rows leave
-        free) laid out in ascending sequence id. Returns the generating and completing rows and, for
-        each of them in that order, the index of its logits row in the step's outputs."""
-        batch = self.batch
-        batch.clear()
-        budget = batch.capacity - sum(1 for row in active if not row.prefilling)
+        last = {id(row): row.search.last_tokens() for row in active if not row.prefilling}
+        budget = batch.capacity - sum(len(tokens) for tokens in last.values())
         chunks: dict[int, int] = {}
-        for row in active:  # oldest admission first
+        for row in active:
             if row.prefilling and budget > 0:
                 chunks[id(row)] = chunk = min(row.prompt_len - row.n_prefilled, budget)
                 budget -= chunk
+        generating = [row for row in active if id(row) in last]
+        if self.streams:
+            layout = sorted((row for row in active if id(row) in last or id(row) in chunks), key=lambda r: r.slot)
+        else:
+            layout = generating + [row for row in active if id(row) in chunks]
         tokens: list[int] = []
         positions: list[int] = []
         seqs: list[int] = []
         outputs: list[int] = []
-        generating: list[_Row] = []
         completing: list[_Row] = []
-        gen_out: list[int] = []
-        done_out: list[int] = []
+        output_of: dict[int, int] = {}  # id(row) -> index of its first logits row in the step's outputs
         n_out = 0
-        for row in sorted(active, key=lambda r: r.slot):
-            seq = row.beam_seqs[0]
-            if not row.prefilling:
-                tokens += row.search.last_tokens()
-                positions.append(row.prompt_len + row.search.n_generated - 1)
-                seqs.append(seq)
-                outputs.append(1)
-                generating.append(row)
-                gen_out.append(n_out)
-                n_out += 1
+        for row in layout:
+            if id(row) in last:
+                new = last[id(row)]
+                tokens += new
+                positions += [row.prompt_len + row.search.n_generated - 1] * len(new)
+                seqs += row.beam_seqs
+                outputs += [1] * len(new)
+                output_of[id(row)] = n_out
+                n_out += len(new)
                 continue
-            chunk = chunks.get(id(row), 0)
-            if chunk == 0:
-                continue
-            start = row.n_prefilled
+            start, chunk = row.n_prefilled, chunks[id(row)]
             tokens += row.prompt.token_ids[start : start + chunk]
             positions += range(start, start + chunk)
-            seqs += [seq] * chunk
+            seqs += [row.beam_seqs[0]] * chunk
             row.n_prefilled += chunk
-            completes = row.n_prefilled == row.prompt_len
+            completes = not row.prefilling
             outputs += [0] * (chunk - 1) + [int(completes)]
             if completes:
                 completing.append(row)
-                done_out.append(n_out)
+                output_of[id(row)] = n_out
                 n_out += 1
         batch.add_tokens(tokens, positions, seqs, outputs)
-        return generating, completing, np.array(gen_out + done_out, dtype=np.intp)
+        if not self.streams:
+            return generating, completing, None
+        return generating, completing, np.array([output_of[id(row)] for row in generating + completing], dtype=np.intp)
 
     def _search(self, generating: list[_Row], completing: list[_Row], logits: np.ndarray,
                 order: np.ndarray | None = None) -> list[_Row]:
