@@ -129,7 +129,7 @@ def fuse(
     threads: Annotated[Optional[int], typer.Option(metavar="N", help=f"CPU threads for llama.cpp.  {help_threads()}")] = None,
     limit: Annotated[Optional[int], typer.Option(metavar="N", help="Only the first N input rows.")] = None,
     shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="Only input rows i with i mod N = I (0 <= I < N): one shard per GPU or machine; `capsfuse-lite merge` joins the parts in input order. For a dataset: only files I, I+N, ... of its sorted file list (no merge needed).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT's journal (a plain rerun does too; this one also finishes an interrupted --force run over an existing OUTPUT).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT's journal (a plain rerun does too, also of an interrupted --force run over an existing OUTPUT); without a journal, an OUTPUT that is not complete for this command is refused.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over: overwrite OUTPUT and discard its journal.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Convert the default model without asking (no --model given, not converted yet).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=HELP_QUIET)] = False,
@@ -168,7 +168,7 @@ def fuse(
                 from .cluster import RayOptions
 
                 ray_options = RayOptions(address=ray_address, workers=ray_workers, cpus_per_worker=ray_cpus_per_worker)
-            _fuse_dataset(inputs, output, settings, model, yes, quiet, ray_options, options)
+            _fuse_dataset(inputs, output, settings, model, yes, quiet, ray_options, options, verbose)
             return
         input = inputs[0]
         cfg = FuseConfig(
@@ -214,7 +214,7 @@ def _interrupted(stopper: _StopOnSignal, how_to_resume: str) -> None:
 
 
 def _fuse_dataset(inputs: list[Path], output: Path, settings: dict, model: Optional[Path], yes: bool, quiet: bool,
-                  ray_options, options: list[str]) -> None:
+                  ray_options, options: list[str], verbose: bool = False) -> None:
     """`fuse` over a dataset (a folder, glob or several files), on this machine or on Ray."""
     from .dataset import DatasetConfig, DatasetRun
     from .models import resolve_model, terminal_confirm
@@ -228,6 +228,7 @@ def _fuse_dataset(inputs: list[Path], output: Path, settings: dict, model: Optio
         from .cluster import RayDatasetRun
 
         run = RayDatasetRun(cfg, ray_options, progress=progress)
+    run.verbose = verbose  # a shard that fails on a bug: its traceback
     shards = run.prepare()  # finds the shards (names and sizes only) and checks the output folder
     cfg.model = resolve_model(model, yes=yes, confirm=terminal_confirm())
     run.check_model()

@@ -184,7 +184,7 @@ class WorkerEngine:
             except BaseException as exc:  # a full disk, or a bug: the shards this worker holds fail with it
                 futures, self._futures = self._futures, {}
                 for run, future in futures.values():
-                    future.set_result(self._mark(ShardOutcome(run.label, "failed", _reason(exc))))
+                    future.set_result(self._mark(ShardOutcome.failure(run.label, exc)))
             finally:
                 self.stream = None
 
@@ -197,7 +197,7 @@ class WorkerEngine:
             try:
                 got = open_shard(self.cfg, shard, self.base, self.model_meta, self.progress, lock_wait=self.lock_wait)
             except BaseException as exc:  # a full disk (or a bug): the stream ends, this shard with it
-                future.set_result(self._mark(ShardOutcome(shard.rel, "failed", _reason(exc))))
+                future.set_result(self._mark(ShardOutcome.failure(shard.rel, exc)))
                 raise
             if isinstance(got, ShardOutcome):
                 future.set_result(self._mark(got))
@@ -291,6 +291,7 @@ class RayDatasetRun(DatasetRun):
         t0 = time.monotonic()
         cfg.model = Path(cfg.model).absolute()
         base = self.fingerprint()
+        self.mark_forced()
         summary = self.summary = DatasetSummary(output=cfg.output, shards_total=len(self.shards))
         self.progress.shards_total = len(self.shards)
         self.progress.start(0, 0)
@@ -462,7 +463,7 @@ class RayDatasetRun(DatasetRun):
         if outcome.status == "done":
             self.by_worker[outcome.worker] += 1
         if outcome.status == "failed":
-            self.progress.note(f"shard {shard.rel} failed: {outcome.error}")
+            self.note_failure(shard.rel, outcome)
             self._tally.forget(shard)
         elif outcome.status in ("done", "skipped"):
             self._tally.learn(shard, outcome.rows)
@@ -500,10 +501,6 @@ class RayDatasetRun(DatasetRun):
         progress.set_total(*self._tally.total(sum(rows for rows, _, _ in opened.values()),
                                               sum(self._sizes.get(rel, 0) for rel in opened)))
         progress.set_shards(summary.shards_done + summary.shards_skipped, summary.shards_total, len(summary.failed))
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, CapsfuseError) else f"{type(exc).__name__}: {exc}"
 
 
 def _last_line(exc: BaseException) -> str:

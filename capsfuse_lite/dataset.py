@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import CapsfuseError, ConfigError, DiskSpaceError, InputFileError, OutputExistsError
-from .journal import journal_path, remove_leftover
+from .journal import journal_path, mark_replacing
 from .progress import Progress
 from .records import _EXTENSIONS, detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
 from .runner import (COUNTS, FuseConfig, FuseRun, RowCounts, check_model_file, check_writable_folder, default_fuser_factory, fuser_kwargs,
@@ -111,7 +111,7 @@ def find_shards(inputs: list, output_dir: str | Path, *, input_format: str | Non
     Only names and sizes are read here; raises InputFileError / ConfigError for nothing to fuse, a
     missing path, or two inputs that would write the same output."""
     output_dir = Path(output_dir)
-    out_abs = output_dir.absolute()
+    out_abs = output_dir.resolve()  # links and .. resolved: an output folder inside the input is found however spelled
     found: list[tuple[Path, Path]] = []  # (file as given, its root)
     for item in map(str, inputs):
         path = Path(item)
@@ -156,16 +156,25 @@ def find_shards(inputs: list, output_dir: str | Path, *, input_format: str | Non
 
 
 def _excluded(path: Path, out_abs: Path) -> bool:
-    """capsfuse-lite's own files, and anything under the output folder."""
+    """capsfuse-lite's own files, and anything under the output folder ``out_abs`` (resolved), also
+    when reached through a symbolic link or a ``..``."""
     if path.name.endswith(_OWN_FILES):
         return True
-    return path.absolute() == out_abs or out_abs in path.absolute().parents
+    real = path.resolve()
+    return real == out_abs or out_abs in real.parents
 
 
 def _walk(folder: Path, out_abs: Path, input_format: str | None) -> Iterator[Path]:
-    """Caption files below ``folder`` (recursively), hidden names and the output folder left out."""
-    for dirpath, dirnames, filenames in os.walk(folder):
+    """Caption files below ``folder`` (recursively, following links to folders, each real folder
+    once), hidden names and the output folder left out."""
+    seen: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         here = Path(dirpath)
+        real = here.resolve()
+        if real in seen:  # a link back to a folder already walked (a loop, or two links to one folder)
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _excluded(here / d, out_abs))
         for name in sorted(filenames):
             path = here / name
@@ -203,6 +212,27 @@ def output_name(rel: str, output_format: str | None) -> str:
 # -- one shard ---------------------------------------------------------------------------------------
 
 
+def failure_line(error: BaseException) -> str:
+    """One line for a shard that failed with ``error``: a user error's own message; anything else (a
+    bug, or a library error the code does not foresee) named by its type, with the way to its traceback."""
+    if isinstance(error, CapsfuseError):
+        return str(error)
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename or 'a file'}: {error.strerror}" if error.filename else str(error.strerror)
+    text = str(error).splitlines()[0] if str(error) else ""
+    return (f"internal error ({type(error).__name__}{': ' + text if text else ''}); the other shards go on; "
+            "--verbose prints its traceback (please report it)")
+
+
+def failure_trace(error: BaseException) -> str | None:
+    """The traceback of an ``error`` that is not a user error (printed with ``--verbose``), else None."""
+    if isinstance(error, CapsfuseError) or (isinstance(error, OSError) and error.strerror):
+        return None
+    import traceback
+
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+
+
 @dataclass
 class ShardOutcome:
     """How one shard ended: ``done`` (written by this run), ``skipped`` (complete before),
@@ -219,66 +249,51 @@ class ShardOutcome:
     worker: int | None = None  # on Ray: the pid of the worker process that ended it
     actor: str | None = None  # on Ray: the id of that worker's actor (the same after a restart)
 
+    trace: str | None = None  # the traceback of a failure that is not a CapsfuseError (a bug), for --verbose
+
+    @classmethod
+    def failure(cls, rel: str, error: BaseException, rows: int = 0) -> "ShardOutcome":
+        """Shard ``rel`` failed with ``error``: its one line (and, for an error that is not the user's, a
+        traceback kept for ``--verbose``)."""
+        return cls(rel, "failed", failure_line(error), rows, trace=failure_trace(error))
+
     @classmethod
     def of(cls, run: FuseRun, error: BaseException | None = None, status: str | None = None) -> "ShardOutcome":
         s = run.summary
         if error is not None:
-            return cls(run.label, "failed", str(error), s.rows_total if s else 0)
+            return cls.failure(run.label, error, s.rows_total if s else 0)
         status = status or ("done" if s.complete else "interrupted")
         counts = {k: getattr(s, k) for k in COUNTS}
         return cls(run.label, status, None, s.rows_total, counts, s.fuse_s, dict(s.model), dict(s.settings))
 
 
-_SAME_AS_META = (("model", "sha256", "model_sha256"), ("settings", "beams", "beams"),
-                 ("settings", "max_new_tokens", "max_new_tokens"), ("settings", "length_offset", "length_offset"),
-                 ("settings", "max_input_tokens", "max_input_tokens"),
-                 ("settings", "prompt_template_sha256", "prompt_template"), ("fields", "raw", "raw_field"),
-                 ("fields", "synthetic", "synthetic_field"), ("fields", "output", "output_field"),
-                 ("input", "bytes", "input_bytes"), ("output", "bytes", "output_bytes"))
-
-
 def finished_rows(shard: Shard, cfg: DatasetConfig, base: dict) -> int:
-    """Rows of ``shard``'s existing output if it is this run's complete result (its meta file matches
-    ``base``, the settings fingerprint, and the input and output sizes); else OutputExistsError."""
-    out = shard.output
-    fix = "pass --force to fuse it again, or choose another output folder"
-    try:
-        meta = json.loads(meta_path(out).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise OutputExistsError(f"{out} exists without a readable {meta_path(out).name} (not written by capsfuse-lite, "
-                                f"or cut off); {fix}") from None
-    want = dict(base, output_field=cfg.output_field, input_bytes=shard.size, output_bytes=_size(out))
-    got = {key: _section(meta, section).get(name) for section, name, key in _SAME_AS_META}
-    diff = [f"{key}: {got[key]!r} -> {want[key]!r}" for key in got if got[key] != want[key]]
-    if diff:
-        raise OutputExistsError(f"{out} exists from another run or input ({'; '.join(diff)}); {fix}")
-    rows = _section(meta, "output").get("rows")
+    """Rows of ``shard``'s existing output if it is complete for this run, by the rule a single-file
+    run applies (:func:`capsfuse_lite.outputs.finished_output`: input sha256 and every setting that
+    changes the output's bytes); else OutputExistsError saying what differs."""
+    from .outputs import finished_output, read_meta
+
+    finished_output(cfg.file_config(shard), output_format=detect_format(shard.output, cfg.output_format, role="output"),
+                    input_format=detect_format(shard.input, cfg.input_format), model_sha256=base["model_sha256"])
+    rows = ((read_meta(meta_path(shard.output)) or {}).get("output") or {}).get("rows")
     return rows if isinstance(rows, int) else 0
 
 
-def _section(meta: Any, name: str) -> dict:
-    value = meta.get(name) if isinstance(meta, dict) else None
-    return value if isinstance(value, dict) else {}
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
-
-
 def finished_outcome(cfg: DatasetConfig, shard: Shard, base: dict) -> ShardOutcome | None:
-    """``skipped`` if ``shard``'s output exists and is this run's complete result, ``failed`` if it
-    exists otherwise (without ``force``), None if the shard is to be fused."""
+    """``skipped`` if ``shard``'s output exists and is complete for this run, ``failed`` if it exists
+    otherwise (without ``force``), None if the shard is to be fused: no output yet, ``force``, or the
+    journal of an interrupted run beside the output (:func:`capsfuse_lite.outputs.unfinished_journal`;
+    a journal left by the run that wrote the output is deleted)."""
+    from .outputs import unfinished_journal
+
     if cfg.force or not shard.output.exists():
         return None
     try:
+        if unfinished_journal(shard.output):
+            return None
         rows = finished_rows(shard, cfg, base)
-    except CapsfuseError as exc:
-        return ShardOutcome(shard.rel, "failed", str(exc))
-    if journal_path(shard.output).exists():  # killed between publishing the output and deleting its journal
-        remove_leftover(journal_path(shard.output))
+    except Exception as exc:  # noqa: BLE001 - any failure costs this shard only
+        return ShardOutcome.failure(shard.rel, exc)
     return ShardOutcome(shard.rel, "skipped", rows=rows)
 
 
@@ -290,6 +305,7 @@ def open_shard(cfg: DatasetConfig, shard: Shard, base: dict, model_meta: dict, p
     settled = finished_outcome(cfg, shard, base)
     if settled is not None:
         return settled
+    run = None
     try:
         shard.output.parent.mkdir(parents=True, exist_ok=True)
         run = FuseRun(cfg.file_config(shard), progress=progress)
@@ -302,8 +318,10 @@ def open_shard(cfg: DatasetConfig, shard: Shard, base: dict, model_meta: dict, p
         raise
     except OSError as exc:
         return ShardOutcome(shard.rel, "failed", f"{shard.input}: {exc.strerror or exc}")
-    except CapsfuseError as exc:
-        return ShardOutcome(shard.rel, "failed", str(exc))
+    except Exception as exc:  # noqa: BLE001 - a user error or a bug: either costs this shard only
+        if run is not None and run.journal is not None:
+            run.journal.close(quiet=True)
+        return ShardOutcome.failure(shard.rel, exc)
 
 
 # -- one engine stream over many shards --------------------------------------------------------------
@@ -317,8 +335,9 @@ class ShardStream:
     the stream then ends once the rows in the engine are done. ``get_fuser()`` is called when the
     first row needs the model. ``on_done(run, error)`` is called once per shard the stream took: after
     its output is published (``error`` None, ``run.summary.complete``), when it failed (``error``),
-    or, for shards cut by a stop, at the end (neither). Errors other than a shard's own (a full disk,
-    a bug) end the stream: every open journal is closed and the error raised.
+    or, for shards cut by a stop, at the end (neither). Any error while a shard is read, journaled or
+    written (a user error, or a bug) fails that shard only; a full disk, or an error of the engine
+    itself, ends the stream: every open journal is closed and the error raised.
     """
 
     def __init__(self, next_run: Callable[[], FuseRun | None], get_fuser: Callable[[], Any],
@@ -370,7 +389,7 @@ class ShardStream:
                 run.take(position, result)
             except DiskSpaceError:
                 raise
-            except CapsfuseError as exc:
+            except Exception as exc:  # noqa: BLE001 - costs this shard only
                 self._fail(run, exc)
                 continue
             if run.settled:
@@ -391,8 +410,9 @@ class ShardStream:
                     yield pair
             except DiskSpaceError:
                 raise
-            except CapsfuseError as exc:  # e.g. the file changed since it was validated
-                self._fail(run, exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. the file changed since it was validated
+                if run in self.open:
+                    self._fail(run, exc)
                 continue
             if run.settled and run in self.open:
                 self._finish(run)
@@ -402,7 +422,7 @@ class ShardStream:
             run.finish(self.fuser)
         except DiskSpaceError:
             raise
-        except CapsfuseError as exc:
+        except Exception as exc:  # noqa: BLE001 - e.g. a value the output format cannot hold: this shard only
             self._fail(run, exc)
             return
         self.open.remove(run)
@@ -492,6 +512,7 @@ class DatasetRun:
     """A dataset on this machine: one engine, shards streamed through it (see the module docstring)."""
 
     lock_wait = 0.0  # seconds to wait for a journal held by another process
+    verbose = False  # print the traceback of a shard that failed on an error that is not the user's
 
     def __init__(self, config: DatasetConfig, *, progress: Progress | None = None,
                  fuser_factory: Callable[..., Any] | None = None):
@@ -514,6 +535,10 @@ class DatasetRun:
         if not cfg.output.exists() and split_compression(cfg.output.name)[0].suffix.lower() in _EXTENSIONS:
             raise ConfigError(f"-o {cfg.output}: a dataset (a folder, a glob or several files) is written to a folder, "
                               "one output file per input file; name a folder (or fuse one file at a time)")
+        if cfg.shard and len(cfg.inputs) == 1 and Path(cfg.inputs[0]).is_file():
+            raise ConfigError(f"--shard {cfg.shard[0]}/{cfg.shard[1]} of one file splits its rows and writes one part "
+                              f"file, but -o {cfg.output} is a folder; name the part's file (e.g. -o "
+                              f"{cfg.output / ('part' + str(cfg.shard[0]) + '-' + Path(cfg.inputs[0]).name)})")
         self.root, shards = find_shards(cfg.inputs, cfg.output, input_format=cfg.input_format,
                                         output_format=cfg.output_format)
         if cfg.shard:
@@ -551,12 +576,29 @@ class DatasetRun:
         if self.stream is not None:
             self.stream.request_stop()
 
+    def mark_forced(self) -> None:
+        """``force``: put a placeholder journal beside every existing output this run is to redo, before
+        any is redone, so that if the run is cut, every rerun (the printed command has no ``--force``)
+        redoes those outputs instead of counting them complete or refusing them
+        (:func:`~capsfuse_lite.journal.mark_replacing`)."""
+        if not self.config.force:
+            return
+        for shard in self.shards:
+            if shard.output.exists():
+                mark_replacing(journal_path(shard.output))
+
+    def note_failure(self, rel: str, outcome: ShardOutcome) -> None:
+        self.progress.note(f"shard {rel} failed: {outcome.error}")
+        if self.verbose and outcome.trace:
+            self.progress.note(outcome.trace)
+
     def execute(self) -> DatasetSummary:
         cfg = self.config
         if self.shards is None:
             self.prepare()
         t0 = time.monotonic()
         base = self.fingerprint()
+        self.mark_forced()
         summary = self.summary = DatasetSummary(output=cfg.output, shards_total=len(self.shards))
         tally = RowTally(self.shards)
         progress = self.progress
@@ -577,7 +619,7 @@ class DatasetRun:
                 progress.done += result.rows
             elif result.status == "failed":
                 tally.forget(shard)
-                progress.note(f"shard {shard.rel} failed: {result.error}")
+                self.note_failure(shard.rel, result)
             show()
 
         def next_run() -> FuseRun | None:

@@ -1,13 +1,19 @@
 """The run journal: an append-only record of finished rows beside the output.
 
 ``OUTPUT.journal.jsonl`` starts with a header line holding the run's fingerprint (model sha256,
-decoding settings, caption fields, input row count); every later line is one finished row with its
+decoding settings, caption fields) and a random run id (the meta file of the output assembled from
+the journal records it, so a journal left beside its own finished output is told apart from one of
+an interrupted run); every later line is one finished row with its
 input index and the key of its caption pair (``h``: a hash of both captions), so a resumed run
 reuses a row only if its captions are unchanged. Lines are flushed to the OS as they are written (a
 ``kill -9`` loses nothing written) and fsynced every few seconds and on close (a power cut loses
 seconds). A torn last line from a crash is cut off when the journal is reopened; a resume with a
 different fingerprint is refused with the differing settings named, unless the journal holds no
-rows yet (a run that failed before its first row, e.g. on a wrong ``--model``): then it starts over.
+rows yet (a run that failed before its first row, e.g. on a wrong ``--model``, or the placeholder an
+interrupted ``--force`` dataset run leaves beside outputs it had still to redo, see
+:func:`mark_replacing`): then it starts over. The input's row count is not part of the fingerprint:
+rows appended to (or removed from) the input since are fused (or dropped), the others resumed; rows
+journaled beyond the input's current end are ignored.
 
 One run per journal: the file is locked (``flock``) for the whole run, before anything in it is read
 or discarded (``discard=True``, i.e. ``--force``, truncates it only under the lock). A crashed
@@ -31,6 +37,7 @@ import json
 import os
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -101,6 +108,7 @@ class Journal:
         self.dropped_lines = 0  # unreadable lines skipped while loading
         self.torn_bytes = 0  # bytes of a torn last line cut off while loading
         self.restarted: list[str] = []  # settings that changed in a journal that held no rows (started over)
+        self.run_id: str | None = None  # the header's run id (see the module docstring)
         self._done = bytearray((total_rows + 7) // 8)
         self._file = None
         self._db = None
@@ -200,9 +208,8 @@ class Journal:
     def _write_header(self) -> None:
         self._file.seek(0)
         self._file.truncate()
-        header = {"capsfuse_journal": JOURNAL_VERSION, "fingerprint": self.fingerprint,
-                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        self._file.write(json_line(header))
+        self.run_id = uuid.uuid4().hex
+        self._file.write(json_line(_header(self.fingerprint, self.run_id)))
         self.sync()
         _fsync_dir(self.path.parent)
 
@@ -220,17 +227,20 @@ class Journal:
                 header = None
             if not isinstance(header, dict) or header.get("capsfuse_journal") != JOURNAL_VERSION:
                 raise ConfigError(f"{self.path} is not a capsfuse-lite journal (version {JOURNAL_VERSION}); move it away or pass --force")
-            old = header.get("fingerprint") or {}
+            old = header.get("fingerprint") if isinstance(header.get("fingerprint"), dict) else {}
+            old = {k: v for k, v in old.items() if k != "input_rows"}  # recorded by earlier versions
             if old != self.fingerprint:
                 if not any(self._parse(line) is not None for line in f):
-                    # No row was ever journaled (e.g. the model failed to load): nothing to keep.
-                    self.restarted = fingerprint_diff(old, self.fingerprint)
+                    # No row was ever journaled (e.g. the model failed to load, or a placeholder of an
+                    # interrupted --force run): nothing to keep.
+                    self.restarted = fingerprint_diff(old, self.fingerprint) if old else []
                     return False
                 diff = "; ".join(fingerprint_diff(old, self.fingerprint))
                 raise ConfigError(
                     f"{self.path} belongs to a run with different settings ({diff}); "
                     "rerun with the same settings to resume, or pass --force to discard it and start over"
                 )
+            self.run_id = header.get("run") if isinstance(header.get("run"), str) else None
             good_end = f.tell()
             for line in f:
                 entry = self._parse(line)
@@ -238,8 +248,10 @@ class Journal:
                     if line.endswith(b"\n"):
                         self.dropped_lines += 1
                     continue
-                batch.append((entry["i"], _key(entry.get("h")), line.decode("utf-8")))
                 good_end = f.tell()
+                if entry["i"] >= self.total_rows:
+                    continue  # a row beyond the input's end now (rows were removed from it)
+                batch.append((entry["i"], _key(entry.get("h")), line.decode("utf-8")))
                 if len(batch) >= _LOAD_BATCH:
                     self._index_batch(batch)
                     batch = []
@@ -257,7 +269,7 @@ class Journal:
             entry = json.loads(line)
         except ValueError:
             return None
-        if not isinstance(entry, dict) or not isinstance(entry.get("i"), int) or not 0 <= entry["i"] < self.total_rows:
+        if not isinstance(entry, dict) or not isinstance(entry.get("i"), int) or entry["i"] < 0:
             return None
         return entry
 
@@ -389,26 +401,73 @@ class Journal:
         self.close(quiet=exc_type is not None)
 
 
-def remove_leftover(path: str | Path) -> bool:
-    """Delete the journal at ``path`` (and its index) unless a process holds it: for a journal left
-    beside an output that is complete (a run killed after publishing the output, before deleting the
-    journal). True if it was removed."""
-    path = Path(path)
+@contextlib.contextmanager
+def _unless_held(path: Path, mode: str) -> Iterator[Any]:
+    """The journal at ``path`` opened with ``mode`` and locked, or None if it cannot be opened or another
+    process holds it (a run in progress owns it)."""
     try:
-        f = open(path, "rb")
+        f = open(path, mode)
     except OSError:
-        return False
+        yield None
+        return
     with f:
         if fcntl is not None:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                return False  # in use
+                yield None
+                return
+        yield f
+
+
+def remove_leftover(path: str | Path) -> bool:
+    """Delete the journal at ``path`` (and its index) unless a process holds it: for a journal left
+    beside an output that is complete (a run killed after publishing the output, before deleting the
+    journal). True if it was removed."""
+    path = Path(path)
+    with _unless_held(path, "rb") as f:
+        if f is None:
+            return False
         try:
             path.unlink()
             _index_path(path).unlink(missing_ok=True)
         except OSError:
             return False
+    return True
+
+
+def _header(fingerprint: dict, run_id: str) -> dict:
+    return {"capsfuse_journal": JOURNAL_VERSION, "fingerprint": fingerprint, "run": run_id,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def journal_run_id(path: str | Path) -> str | None:
+    """The run id in the header of the journal at ``path`` (None: missing, unreadable or none)."""
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    run = header.get("run") if isinstance(header, dict) else None
+    return run if isinstance(run, str) else None
+
+
+def mark_replacing(path: str | Path) -> bool:
+    """Leave a placeholder journal (a header without fingerprint or rows) at ``path``: the output beside
+    it is to be redone by a ``--force`` run that has not reached it yet, so that if that run is cut, the
+    output counts as an interrupted run's (any rerun redoes it) and not as complete. An existing journal
+    is emptied the same way (as ``--force`` would), unless another process holds it. True if written."""
+    path = Path(path)
+    with _unless_held(path, "ab") as f:
+        if f is None:
+            return False
+        try:
+            f.truncate(0)
+            f.write(json_line(_header({}, uuid.uuid4().hex)))
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as exc:
+            raise write_error(exc, path) from None
     return True
 
 

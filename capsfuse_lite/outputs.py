@@ -5,13 +5,20 @@ creates a missing output folder, parents included, like ``mkdir -p``; it is crea
 inputs have been checked, so a command that fails early leaves nothing behind. Whether files can be
 created there is checked first, in the nearest folder that exists (:func:`check_output_folder`).
 
+Continuable: a journal beside an existing OUTPUT is an interrupted run's (:func:`unfinished_journal`),
+whatever options started it (``--force`` included): any rerun continues it and replaces OUTPUT when
+done (a run with other settings is refused by the journal, naming them; ``--force`` discards it). The
+one exception is the journal OUTPUT itself was assembled from (its meta file names the journal's run):
+a run killed after publishing, before deleting it; that journal is deleted.
+
 Done: ``fuse`` writes ``OUTPUT.meta.json`` beside a finished OUTPUT. A rerun of a command whose
 OUTPUT is *complete* does nothing and exits 0 with one line (:func:`finished_output`); complete means
-all of:
+all of (the same rule for a single file and for each shard of a dataset):
 
 - OUTPUT and its meta file exist, and OUTPUT has the size the meta file recorded (not edited since);
 - the input has the content the output was made from (sha256, cached by path, size and mtime, so an
-  unchanged input is not read again; outputs from before sha256 was recorded: same path and size);
+  unchanged input is not read again; outputs from before sha256 was recorded: same path and size;
+  an edit that keeps the size is a change);
 - this command asks for what the meta file records: the same model file (sha256), input and output
   format, CSV delimiter, caption and output fields, ``--limit`` and ``--shard``, and ``--beams`` /
   ``--max-new-tokens`` where given (left out, they are the model's, which is the same file).
@@ -77,27 +84,43 @@ def _short(digest: Any) -> str:
     return f"sha256 {str(digest)[:12]}" if digest else "sha256 unknown"
 
 
-def finished_output(cfg: Any, *, output_format: str, input_format: str) -> str:
+def unfinished_journal(output: str | Path) -> bool:
+    """Whether the journal beside ``output`` (an existing OUTPUT) is an interrupted run's, which a
+    rerun continues. A journal whose run the meta file names (OUTPUT was assembled from it; the run
+    was killed before deleting it) is deleted instead (unless another process holds it), and False
+    returned."""
+    from .journal import journal_path, journal_run_id, remove_leftover
+    from .runner import meta_path
+
+    output = Path(output)
+    journal = journal_path(output)
+    if not journal.exists():
+        return False
+    meta = read_meta(meta_path(output))
+    run = journal_run_id(journal)
+    if run is not None and meta is not None and meta.get("journal_run") == run and remove_leftover(journal):
+        return False
+    return True
+
+
+def finished_output(cfg: Any, *, output_format: str, input_format: str, model_sha256: str | None = None) -> str:
     """``cfg`` (a :class:`~capsfuse_lite.runner.FuseConfig`) names an existing OUTPUT: return the
     one line saying it is already complete for this command, or raise
     :class:`~capsfuse_lite.errors.OutputExistsError` saying why it is not and how to redo it.
-    ``cfg.model`` is the ``--model`` given, or None for the default model."""
-    from .journal import journal_path
+    ``cfg.model`` is the ``--model`` given, or None for the default model; ``model_sha256`` its
+    hash when the caller has it (a dataset hashes the model once)."""
     from .models import DEFAULT_MODEL_FILE, default_model_path, file_sha256
     from .records import parse_csv_delimiter
     from .runner import meta_path
 
     out = Path(cfg.output)
-    journal = journal_path(out)
-    unfinished = (f" ({journal.name}, the journal of an interrupted run over it, is beside it: --resume finishes "
-                  "that run)") if journal.exists() else ""
-    redo = f"pass --force to redo it (or choose another -o){unfinished}"
+    redo = "pass --force to redo it (or choose another -o)"
     meta_file = meta_path(out)
     meta = read_meta(meta_file)
     if meta is None or not isinstance(meta.get("output"), dict):
         what = "is missing" if not meta_file.exists() else "is not a capsfuse-lite meta file"
         raise OutputExistsError(f"{out} exists but is not a finished capsfuse-lite output ({meta_file.name} {what}); "
-                                f"pass --force to overwrite it (or choose another -o){unfinished}")
+                                "pass --force to overwrite it (or choose another -o)")
     size = out.stat().st_size
     if _get(meta, "output", "bytes") != size:
         raise OutputExistsError(f"{out} changed since capsfuse-lite wrote it ({size} bytes; {meta_file.name} says "
@@ -112,8 +135,7 @@ def finished_output(cfg: Any, *, output_format: str, input_format: str) -> str:
                    or _get(meta, "input", "bytes") != source.stat().st_size)
     if changed:
         raise OutputExistsError(f"{out} was made from other input data than {source} holds now (the file changed "
-                                f"since, or is another file); pass --force to fuse it again (or choose another -o)"
-                                f"{unfinished}")
+                                "since, or is another file); pass --force to fuse it again (or choose another -o)")
 
     diffs: list[str] = []
 
@@ -137,7 +159,7 @@ def finished_output(cfg: Any, *, output_format: str, input_format: str) -> str:
     made_with = _get(meta, "model", "sha256")
     model = Path(cfg.model).expanduser() if cfg.model is not None else default_model_path()
     if model.is_file():
-        now = file_sha256(model)
+        now = model_sha256 or file_sha256(model)
         if now != made_with:
             diffs.append(f"model {_get(meta, 'model', 'file')} ({_short(made_with)}) -> {model.name} ({_short(now)})")
     elif cfg.model is not None:
@@ -146,8 +168,8 @@ def finished_output(cfg: Any, *, output_format: str, input_format: str) -> str:
         diffs.append(f"model {_get(meta, 'model', 'file')} -> {DEFAULT_MODEL_FILE} (the default)")
     if diffs:
         raise OutputExistsError(f"{out} exists, made with other settings ({'; '.join(diffs)}); "
-                                f"pass --force to redo it with these (or choose another -o){unfinished}")
+                                "pass --force to redo it with these (or choose another -o)")
 
     rows = _get(meta, "output", "rows")
     return (f"{out} is already complete ({rows} rows, made {_get(meta, 'created') or '?'} with "
-            f"{_get(meta, 'model', 'file')}): nothing to do; --force redoes it{unfinished}")
+            f"{_get(meta, 'model', 'file')}): nothing to do; --force redoes it")

@@ -43,6 +43,7 @@ import decimal
 import gzip
 import io
 import json
+import math
 import os
 import re
 import zlib
@@ -276,8 +277,12 @@ def _utf8_problem(exc: UnicodeDecodeError, data: bytes, at_file_start: bool) -> 
 # Layout: what the validation pass learns about a file
 
 
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
 def value_kind(value: Any) -> str:
-    """The JSON kind of a value: string, int, float, bool, null or json (objects, arrays, other)."""
+    """The JSON kind of a value: string, int, float, bool, null or json (objects, arrays, other). An
+    integer beyond 64 bits (JSON allows any) is ``json``: a Parquet output holds its column as text."""
     if value is None:
         return "null"
     if isinstance(value, str):
@@ -285,7 +290,7 @@ def value_kind(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, int):
-        return "int"
+        return "int" if value in _INT64 else "json"
     if isinstance(value, float):
         return "float"
     return "json"
@@ -757,7 +762,22 @@ def json_default(value: Any) -> Any:
 
 
 def _dumps(row: Any) -> str:
-    return json.dumps(row, ensure_ascii=False, default=json_default)
+    """``row`` as JSON text; NaN and infinite floats (which Parquet and CSV hold, JSON does not) as null."""
+    try:
+        return json.dumps(row, ensure_ascii=False, default=json_default, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(row), ensure_ascii=False, default=json_default, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinite floats replaced by None, inside dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class RecordWriter(abc.ABC):

@@ -364,7 +364,7 @@ class FuseRun:
         self._checked_model: Path | None = None
         self.input_bytes = 0
         self.already_done: str | None = None  # see prepare()
-        self._replaces_output = False  # --resume of an interrupted --force run over an existing OUTPUT
+        self._replaces_output = False  # continuing an interrupted run (its journal) over an existing OUTPUT
         self.label = ""  # in a dataset: the shard's relative path, put before each note
         self.lock_wait = 0.0  # seconds to wait for a journal another process holds (see Journal.open)
         self.journal: Journal | None = None
@@ -380,7 +380,7 @@ class FuseRun:
         complete for this config (``already_done`` then holds the line saying so; see
         :func:`capsfuse_lite.outputs.finished_output`; ``config.model`` is the model asked for, None
         for the default). A missing output folder is created last, once the input has passed."""
-        from .outputs import finished_output, make_output_folder
+        from .outputs import finished_output, make_output_folder, unfinished_journal
 
         cfg = self.config
         self.output_format = detect_format(cfg.output, cfg.output_format, role="output")
@@ -388,8 +388,8 @@ class FuseRun:
         if cfg.output.resolve() == cfg.input.resolve():
             raise ConfigError(f"{cfg.output}: the output must not be the input file")
         if cfg.output.exists() and not cfg.force:
-            if cfg.resume and journal_path(cfg.output).exists():
-                self._replaces_output = True  # finishing the interrupted --force run replaces OUTPUT
+            if unfinished_journal(cfg.output):
+                self._replaces_output = True  # continuing the interrupted run replaces OUTPUT
             else:
                 self.already_done = finished_output(cfg, output_format=self.output_format,
                                                     input_format=self._reader.format)
@@ -432,14 +432,14 @@ class FuseRun:
         return range(first, stop, step)
 
     def fingerprint(self, model_path: Path, model_sha256: str | None = None) -> dict:
-        """What must match for a journal to be resumed: model, decoding, fields, input row count.
-        (Row content is checked row by row: each journaled row carries its caption-pair key.)
+        """What must match for a journal to be resumed: model, decoding, fields. Row content is checked
+        row by row (each journaled row carries its caption-pair key), so an input that gained, lost or
+        changed rows since resumes the rows still the same and fuses the others.
         ``model_sha256``: the model's hash when the caller already has it (a dataset hashes it once)."""
         from .models import file_sha256
 
         meta = self.check_model()
-        return {**settings_fingerprint(self.config, meta, model_sha256 or file_sha256(model_path)),
-                "input_rows": self.layout.rows}
+        return settings_fingerprint(self.config, meta, model_sha256 or file_sha256(model_path))
 
     # -- phase 2: model work -----------------------------------------------------------------
 
@@ -503,7 +503,7 @@ class FuseRun:
         journal = self.journal = Journal.open(jpath, fingerprint, self.layout.rows, discard=cfg.force,
                                               lock_wait=self.lock_wait)
         try:
-            if cfg.output.exists() and not cfg.force and not (self._replaces_output and journal.rows_done):
+            if cfg.output.exists() and not cfg.force and not self._replaces_output:
                 # another run finished it since prepare()
                 raise OutputExistsError(f"{cfg.output} exists; pass --force to overwrite it (or choose another -o)")
             if journal.restarted:
@@ -559,8 +559,12 @@ class FuseRun:
             self._note(f"writing {cfg.output} ...")
         self._assemble(journal, summary)
         summary.wall_s = time.monotonic() - self._t0
-        self._write_meta(summary, self._fingerprint)
+        meta = self._meta(summary, self._fingerprint)
+        # OUTPUT first, then its meta file (which names this journal's run), then the journal: cut
+        # anywhere in between, the journal is still beside OUTPUT and no meta file describes the new
+        # OUTPUT, so a rerun continues the run (see capsfuse_lite.outputs.unfinished_journal).
         self._publish()
+        write_json_atomic(meta_path(cfg.output), meta)
         journal.remove()
         return summary
 
@@ -708,7 +712,8 @@ class FuseRun:
         except OSError as exc:
             raise write_error(exc, cfg.output, RESUME_HINT) from None
 
-    def _write_meta(self, summary: RunSummary, fingerprint: dict) -> None:
+    def _meta(self, summary: RunSummary, fingerprint: dict) -> dict:
+        """The meta file of the OUTPUT.partial just assembled."""
         from .models import file_sha256
 
         cfg = self.config
@@ -735,8 +740,9 @@ class FuseRun:
             "timing": {"wall_s": round(summary.wall_s, 3), "fuse_s": round(summary.fuse_s, 3),
                        "rows_per_s": round(summary.rows_per_s, 4),
                        "generated_tokens_per_s": round(summary.generated_tokens_per_s, 2)},
+            "journal_run": self.journal.run_id,
         }
-        write_json_atomic(meta_path(cfg.output), meta)
+        return meta
 
 
 def run_fuse(config: FuseConfig, *, progress: Progress | None = None,

@@ -71,7 +71,13 @@ def order_parts(parts: list[Path]) -> tuple[list[Path], list[dict]]:
         spec = _get(meta, ("selection", "shard"))
         if not spec:
             raise InputFileError(f"{part}: not a shard output (its meta file has no shard); nothing to merge")
-        shards.append(parse_shard(spec))
+        try:
+            if not isinstance(spec, str):
+                raise ConfigError(spec)
+            shards.append(parse_shard(spec))
+        except ConfigError:
+            raise InputFileError(f"{meta_path(part)}: selection.shard is {json.dumps(spec)}, not \"I/N\" with "
+                                 "0 <= I < N (the meta file was edited or damaged); rerun that shard") from None
     counts = {n for _, n in shards}
     if len(counts) != 1:
         raise ConfigError(f"parts come from different shard counts ({', '.join(f'{i}/{n}' for i, n in shards)})")
@@ -150,8 +156,8 @@ def merge_shards(parts: list[str | Path], output: str | Path, *, output_format: 
                 if next(it, None) is not None:
                     raise InputFileError(f"{parts[k]} has rows left after {parts[ended_at]} ended: not shards of one run")
         meta = _merged_meta(parts, metas, output, fmt, total)
+        replace_atomically(tmp, output)  # the output, then the meta file that describes it
         write_json_atomic(meta_path(output), meta)
-        replace_atomically(tmp, output)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise write_error(exc, tmp) from None
@@ -163,13 +169,16 @@ def merge_shards(parts: list[str | Path], output: str | Path, *, output_format: 
 
 def _merged_layout(parts: list[Path], layouts: list[Layout]) -> Layout:
     """The columns of the merged file. CSV and Parquet parts of one run share the input's columns;
-    JSON parts list the keys their own rows have (rows may differ in keys), so theirs are united."""
+    JSON parts list the keys (and value kinds) their own rows have: rows may differ in keys, and a
+    column may be null in one part and numbers in another, so theirs are united."""
     first = layouts[0]
-    if all(list(layout.columns) == list(first.columns) for layout in layouts):
+    if all(list(layout.columns.items()) == list(first.columns.items()) for layout in layouts):
         return first
-    for part, layout in zip(parts, layouts):
-        if layout.format not in ("json", "jsonl") or first.format not in ("json", "jsonl"):
-            raise InputFileError(f"{part}: columns differ from {parts[0]} ({', '.join(layout.columns)})")
+    if any(layout.format not in ("json", "jsonl") for layout in layouts):
+        for part, layout in zip(parts, layouts):
+            if list(layout.columns) != list(first.columns):
+                raise InputFileError(f"{part}: columns differ from {parts[0]} ({', '.join(layout.columns)})")
+        return first
     columns: dict[str, str] = {}
     for layout in layouts:
         for name, kind in layout.columns.items():

@@ -222,10 +222,12 @@ def test_finished_shards_are_skipped_and_other_outputs_are_not_overwritten(tmp_p
     run, summary = run_dataset(data, out, FakeFactory(fail=True))
     reasons = dict(summary.failed)
     assert set(reasons) == {"s1.jsonl", "s2.jsonl", "s3.jsonl"} and summary.shards_skipped == 1
-    assert "output_bytes: " in reasons["s1.jsonl"] and "--force" in reasons["s1.jsonl"]
-    assert "input_bytes: " in reasons["s2.jsonl"] and "exists without a readable s3.jsonl.meta.json" in reasons["s3.jsonl"]
+    # the single-file rule and its messages (capsfuse_lite.outputs.finished_output)
+    assert "changed since capsfuse-lite wrote it" in reasons["s1.jsonl"] and "--force" in reasons["s1.jsonl"]
+    assert "made from other input data than" in reasons["s2.jsonl"]
+    assert "(s3.jsonl.meta.json is missing)" in reasons["s3.jsonl"]
     run, summary = run_dataset(data, out, FakeFactory(fail=True), max_new_tokens=12)  # other settings: refused too
-    assert "max_new_tokens: 80 -> 12" in dict(summary.failed)["s0.jsonl"]
+    assert "--max-new-tokens 80 -> 12" in dict(summary.failed)["s0.jsonl"]
 
     run, summary = run_dataset(data, out, force=True)
     assert summary.complete and summary.shards_done == 4
@@ -233,21 +235,22 @@ def test_finished_shards_are_skipped_and_other_outputs_are_not_overwritten(tmp_p
 
 
 def test_a_journal_left_beside_a_finished_output_is_cleaned_up(tmp_path, sample_rows):
-    """Killed after publishing a shard but before deleting its journal: the rerun skips the shard and
-    deletes the journal, unless another run holds it."""
+    """Killed after publishing a shard but before deleting its journal (the one its meta file names): the
+    rerun skips the shard and deletes the journal, unless another run holds it (then that run's)."""
     data, out = tmp_path / "data", tmp_path / "out"
     for k in range(2):
         write(data / f"s{k}.jsonl", sample_rows[5 * k: 5 * k + 5])
     run_dataset(data, out)
     for k in range(2):
-        journal_path(out / f"s{k}.jsonl").write_text('{"capsfuse_journal": 1}\n')
+        run_id = json.loads(meta_path(out / f"s{k}.jsonl").read_text())["journal_run"]
+        journal_path(out / f"s{k}.jsonl").write_text(json.dumps({"capsfuse_journal": 1, "run": run_id}) + "\n")
     holder = open(journal_path(out / "s1.jsonl"), "rb")
     fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
     try:
         run, summary = run_dataset(data, out, FakeFactory(fail=True))
     finally:
         holder.close()
-    assert summary.shards_skipped == 2
+    assert summary.shards_skipped == 1 and "in use by another capsfuse-lite run" in dict(summary.failed)["s1.jsonl"]
     assert not journal_path(out / "s0.jsonl").exists() and journal_path(out / "s1.jsonl").exists()
 
 

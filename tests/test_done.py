@@ -133,10 +133,11 @@ def test_another_model_file_is_a_difference(done, tmp_path):
     assert result.exit_code == 2 and f"model {MODEL.name} (sha256 " in result.stderr and "-> other.gguf" in result.stderr
 
 
-def test_resume_finishes_an_interrupted_force_run_over_a_finished_output(done):
-    """--force over a finished output, interrupted: the old output stays until the new run is done; the
-    resume command it prints (--resume, no --force) continues that journal and then replaces OUTPUT;
-    a plain rerun meanwhile says the journal is there."""
+def test_any_rerun_continues_an_interrupted_force_run_over_a_finished_output(done):
+    """--force over a finished output, interrupted: the old output stays until the new run is done; a
+    journal beside an output is an interrupted run's, so the printed command (--resume, no --force) and
+    the same command without --resume both continue it and then replace OUTPUT; a command with other
+    settings is refused by the journal, naming them (issue 16)."""
     src, out = done
     old = out.read_bytes()
     cfg = FuseConfig(input=src, output=out, model=MODEL, force=True, max_new_tokens=3, slots=1)
@@ -145,15 +146,82 @@ def test_resume_finishes_an_interrupted_force_run_over_a_finished_output(done):
     assert not run.execute().complete
     assert out.read_bytes() == old and journal_path(out).exists()
 
-    plain = fuse_cli(src, out)  # the finished output is still complete for the old settings
-    assert plain.exit_code == 0 and "--resume finishes that run" in plain.stderr
-    refused = fuse_cli(src, out, "--max-new-tokens", "3")
-    assert refused.exit_code == 2 and "--resume finishes that run" in refused.stderr
+    refused = fuse_cli(src, out)  # the old settings: the journal is the other run's
+    assert refused.exit_code == 2 and "belongs to a run with different settings" in refused.stderr
+    assert "max_new_tokens: 3 -> 80" in refused.stderr and out.read_bytes() == old
 
-    resumed = run_fuse(FuseConfig(input=src, output=out, model=MODEL, resume=True, max_new_tokens=3, slots=1),
-                       fuser_factory=FakeFactory())
-    assert resumed.complete and resumed.rows_resumed == 2 and not journal_path(out).exists()
+    for extra in ((), ("--resume",)):
+        factory = FakeFactory()
+        cfg = FuseConfig(input=src, output=out, model=MODEL, max_new_tokens=3, slots=1, resume=bool(extra))
+        resumed = run_fuse(cfg, fuser_factory=factory)
+        assert resumed.complete and resumed.rows_resumed == 2 and len(factory.seen) == 4
+        assert not journal_path(out).exists()
+        assert all(len(r["capsfusion"].split()) <= 3 for r in read_all(out))
+        assert fuse_cli(src, out, "--max-new-tokens", 3).exit_code == 0  # and now it is complete
+        run = FuseRun(FuseConfig(input=src, output=out, model=MODEL, force=True, max_new_tokens=3, slots=1),
+                      fuser_factory=FakeFactory(on_result=lambda n: n == 2 and run.request_stop()))
+        run.prepare()
+        assert not run.execute().complete  # cut again, for the second way of continuing
+
+
+class Killed(BaseException):
+    """A kill -9 at a chosen point (nothing after it runs; no handler cleans up)."""
+
+
+@pytest.mark.parametrize("cut", ["output renamed", "meta renamed", "journal deleted"])
+def test_a_run_killed_while_publishing_is_finished_by_the_same_command(done, monkeypatch, cut):
+    """The output is renamed into place before its meta file, and the journal deleted last: killed
+    between any two steps, rerunning the command gives the new output with a meta file describing it,
+    and then "already complete" with no journal left (issue 16: meta written before the output was
+    renamed; a journal left beside a finished output made every rerun point at --resume forever)."""
+    from capsfuse_lite import journal as journal_module
+    from capsfuse_lite import runner as runner_mod
+
+    src, out = done
+    real_replace, real_remove = runner_mod.replace_atomically, journal_module.Journal.remove
+    renames = []
+
+    def replace(tmp, final):
+        real_replace(tmp, final)
+        renames.append(Path(final).name)
+        if (cut == "output renamed" and Path(final) == out) or (cut == "meta renamed" and Path(final) == meta_path(out)):
+            raise Killed
+
+    def remove(self):
+        raise Killed
+
+    monkeypatch.setattr(runner_mod, "replace_atomically", replace)
+    if cut == "journal deleted":
+        monkeypatch.setattr(journal_module.Journal, "remove", remove)
+    with pytest.raises(Killed):
+        run_fuse(FuseConfig(input=src, output=out, model=MODEL, slots=2, max_new_tokens=3, force=True),
+                 fuser_factory=FakeFactory())
+    monkeypatch.undo()
+    assert journal_path(out).exists()
+
+    again = fuse_cli(src, out, "--max-new-tokens", 3)  # the command, without --force
+    assert again.exit_code == 0, again.output
+    meta = json.loads(meta_path(out).read_text())
+    assert meta["settings"]["max_new_tokens"] == 3 and meta["output"]["bytes"] == out.stat().st_size
     assert all(len(r["capsfusion"].split()) <= 3 for r in read_all(out))
+    assert not journal_path(out).exists()
+    final = fuse_cli(src, out, "--max-new-tokens", 3)
+    assert final.exit_code == 0 and final.stderr.startswith(f"{out} is already complete") and "journal" not in final.stderr
+
+
+def test_a_journal_beside_a_finished_output_that_another_run_holds_is_left_alone(done):
+    """The cleanup of a finished run's own journal never deletes a journal another process holds."""
+    import fcntl
+
+    src, out = done
+    meta = json.loads(meta_path(out).read_text())
+    journal_path(out).write_text(json.dumps({"capsfuse_journal": 1, "fingerprint": {}, "run": meta["journal_run"]}) + "\n")
+    with open(journal_path(out), "rb") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        busy = fuse_cli(src, out)
+    assert busy.exit_code == 2 and "in use by another capsfuse-lite run" in busy.stderr
+    assert journal_path(out).exists()
+    assert fuse_cli(src, out).exit_code == 0 and not journal_path(out).exists()
 
 
 def test_a_resume_without_a_journal_does_not_overwrite_a_finished_output(done, monkeypatch):
@@ -221,3 +289,85 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, sample_rows)
     (tmp_path / "file").write_text("x")
     result = fuse_cli(src, tmp_path / "file" / "sub" / "out.jsonl")
     assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
+
+
+# -- one rule for "complete", in a single-file run and for each shard of a dataset (issue 16) -------
+
+def _dataset(data: Path, out: Path, factory=None, **kw):
+    from capsfuse_lite.dataset import DatasetConfig, DatasetRun
+
+    run = DatasetRun(DatasetConfig(input=data, output=out, model=MODEL, slots=2, **kw),
+                     fuser_factory=factory or FakeFactory())
+    run.prepare()
+    return run.execute()
+
+
+def _csv(path: Path, rows: list[dict], delimiter: str) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(["laion_2b", "laion_coco"])
+        for row in rows:
+            writer.writerow([row["laion_2b"], row["laion_coco"]])
+    return path
+
+
+@pytest.mark.parametrize("mode", ["file", "dataset"])
+def test_another_csv_delimiter_is_a_difference(tmp_path, sample_rows, mode):
+    """A CSV output written with ';' is not complete for a command asking for '|' (same input bytes,
+    same everything else): the delimiter changes every output byte."""
+    data = tmp_path / "data"
+    src = _csv(data / "in.csv", sample_rows[:4], ";")
+    if mode == "file":
+        out = tmp_path / "out.csv"
+        run_fuse(FuseConfig(input=src, output=out, model=MODEL, csv_delimiter=";"), fuser_factory=FakeFactory())
+        assert fuse_cli(src, out, "--csv-delimiter", ";").exit_code == 0
+        result = fuse_cli(src, out, "--csv-delimiter", "|")
+        assert result.exit_code == 2 and "--csv-delimiter ';' -> '|'" in result.stderr, result.output
+    else:
+        out = tmp_path / "out"
+        assert _dataset(data, out, csv_delimiter=";").complete
+        assert _dataset(data, out, FakeFactory(fail=True), csv_delimiter=";").shards_skipped == 1
+        summary = _dataset(data, out, FakeFactory(fail=True), csv_delimiter="|")
+        assert "--csv-delimiter ';' -> '|'" in dict(summary.failed)["in.csv"]
+
+
+def test_a_shard_edited_without_changing_its_size_is_not_complete(tmp_path, sample_rows):
+    """Dataset mode compares the input's sha256, as a single-file run does, not its size: an edit that
+    keeps the size (sed 's/alloy wheel/alloy WHEEL/') fails the shard until --force redoes it."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    src = data / "a.jsonl"
+    data.mkdir()
+    src.write_text("".join(json.dumps(r) + "\n" for r in sample_rows[:3]), encoding="utf-8")
+    assert _dataset(data, out).complete
+    text = src.read_text(encoding="utf-8")
+    word = sample_rows[1]["laion_coco"].split()[0]
+    edited = text.replace(word, word.upper() if word.upper() != word else word.lower(), 1)
+    assert edited != text and len(edited) == len(text)
+    src.write_text(edited, encoding="utf-8")
+    summary = _dataset(data, out, FakeFactory(fail=True))
+    assert not summary.complete and "made from other input data than" in dict(summary.failed)["a.jsonl"]
+    summary = _dataset(data, out, force=True)
+    assert summary.complete and [r["laion_coco"] for r in read_all(out / "a.jsonl")] == \
+        [json.loads(line)["laion_coco"] for line in edited.splitlines()]
+
+
+def test_rows_appended_after_an_interrupted_run_are_fused_and_the_others_resumed(tmp_path, sample_rows):
+    """The journal is keyed by row content, not by the input's row count: one row appended to the input
+    of an interrupted run is fused with the rows left, the journaled rows are not fused again."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [dict(r, laion_2b=f"{r['laion_2b']} ({k})") for k, r in enumerate(sample_rows[:20])]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    run = FuseRun(FuseConfig(input=src, output=out, model=MODEL, slots=2),
+                  fuser_factory=FakeFactory(on_result=lambda n: n == 8 and run.request_stop()))
+    run.prepare()
+    assert not run.execute().complete
+    with open(src, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(sample_rows[30], laion_2b="one more row")) + "\n")
+    factory = FakeFactory()
+    summary = run_fuse(FuseConfig(input=src, output=out, model=MODEL, slots=2, resume=True), fuser_factory=factory)
+    assert summary.complete and summary.rows_total == 21 and summary.rows_resumed == 8
+    assert len(factory.seen) == 13 and ("one more row", sample_rows[30]["laion_coco"]) in factory.seen
+    assert len(read_all(out)) == 21

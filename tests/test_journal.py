@@ -14,7 +14,7 @@ from capsfuse_lite import journal as journal_module
 from capsfuse_lite.errors import ConfigError, DiskSpaceError
 from capsfuse_lite.journal import Journal, fingerprint_diff, journal_path
 
-FP = {"model_sha256": "abc", "beams": 3, "max_new_tokens": 80, "input_rows": 10}
+FP = {"model_sha256": "abc", "beams": 3, "max_new_tokens": 80}
 
 
 def entry(text):
@@ -73,8 +73,10 @@ def test_torn_header_starts_fresh_and_garbage_lines_are_dropped(tmp_path):
     with open(path, "ab") as f:
         f.write(b"not json\n" + json.dumps({"i": 99, "text": "out of range"}).encode() + b"\n")
         f.write(json.dumps({"i": 4, "h": None, **entry("four")}).encode() + b"\n")
-    with Journal.open(path, FP, total_rows=10) as j:
-        assert j.dropped_lines == 2 and [i for i, _ in j.results()] == [3, 4]
+    with Journal.open(path, FP, total_rows=10) as j:  # row 99: beyond the input's end now, ignored (kept)
+        assert j.dropped_lines == 1 and [i for i, _ in j.results()] == [3, 4]
+    with Journal.open(path, FP, total_rows=100) as j:  # the input grew again: row 99 is back
+        assert [i for i, _ in j.results()] == [3, 4, 99]
 
 
 def test_different_fingerprint_is_refused_with_the_difference_named(tmp_path):
