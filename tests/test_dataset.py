@@ -411,3 +411,135 @@ def test_kill_9_mid_shard_then_the_same_command_resumes_it(tmp_path, tiny_gguf_f
     assert (tmp_path / "out" / "s0.jsonl").stat().st_mtime_ns == done_before  # skipped, not redone
     assert json.loads(meta_path(cut).read_text())["counts"]["rows_resumed"] >= journaled >= 10
     assert not list((tmp_path / "out").glob("*.journal.jsonl"))
+
+
+# -- issue 16 -------------------------------------------------------------------------------------------
+
+def test_an_output_folder_inside_the_input_is_found_through_links_and_dots(tmp_path, sample_rows):
+    """`ln -s data link; fuse link -o data/fused` and `-o data/../data/out`: the output folder is inside
+    the input however the paths are spelled, so a rerun never reads the previous outputs as shards."""
+    for data in (tmp_path / "data", tmp_path / "data2"):
+        write(data / "a.jsonl", sample_rows[:3])
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    for inputs, output in ((tmp_path / "link", tmp_path / "data" / "fused"),
+                           (tmp_path / "data2", tmp_path / "data2" / ".." / "data2" / "out")):
+        for _ in range(2):
+            run, summary = run_dataset(inputs, output)
+            assert summary.complete and summary.shards_total == 1, [s.rel for s in run.shards]
+        assert sorted(p.name for p in Path(output).iterdir()) == ["a.jsonl", "a.jsonl.meta.json"]
+
+
+def test_a_linked_subfolder_is_walked_once_and_a_link_loop_ends(tmp_path, sample_rows):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    write(data / "a.jsonl", sample_rows[:2])
+    write(elsewhere / "b.jsonl", sample_rows[2:4])
+    (data / "more").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(elsewhere)  # a link back up: walked once
+    root, shards = find_shards([data], tmp_path / "out")
+    assert [s.rel for s in shards] == ["a.jsonl", "more/b.jsonl"]
+    run, summary = run_dataset(data, tmp_path / "out")
+    assert summary.complete and read_all(tmp_path / "out" / "more" / "b.jsonl")[0]["laion_2b"] == sample_rows[2]["laion_2b"]
+
+
+def test_shard_of_one_file_into_an_existing_folder_is_refused(tmp_path, sample_rows):
+    """`fuse data.jsonl -o parts/ --shard 1/2` with parts/ existing: rows of one file, not files of a
+    dataset; refused with the fix instead of "0 shard(s)" and exit 0."""
+    src = write(tmp_path / "data.jsonl", sample_rows[:4])
+    (tmp_path / "parts").mkdir()
+    result = CliRunner().invoke(app, ["fuse", str(src), "-o", str(tmp_path / "parts"), "--shard", "1/2",
+                                      "--model", str(MODEL)])
+    assert result.exit_code == 2 and "--shard 1/2 of one file splits its rows" in result.stderr, result.output
+    assert list((tmp_path / "parts").iterdir()) == []
+
+
+def test_an_interrupted_force_run_is_continued_by_the_printed_command(tmp_path, sample_rows):
+    """Ctrl-C during `--force` over a finished dataset with other settings: the printed command (no
+    --force) keeps the shards the forced run wrote, resumes the cut one and redoes the ones it had not
+    reached, instead of failing them as another run's outputs; nothing is fused twice."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    for k in range(4):
+        write(data / f"s{k}.jsonl", distinct(sample_rows, 6, f"s{k}-"))
+    run_dataset(data, out)
+    cfg = DatasetConfig(input=data, output=out, model=MODEL, slots=2, force=True, max_new_tokens=3)
+    run = DatasetRun(cfg, fuser_factory=FakeFactory(on_result=lambda n: n == 9 and run.request_stop()))
+    run.prepare()
+    assert not run.execute().complete
+
+    for rerun in ({}, {"resume": True}):
+        factory = FakeFactory()
+        run, summary = run_dataset(data, out, factory, max_new_tokens=3, **rerun)
+        assert summary.complete and not summary.failed, summary.failed
+        assert len(factory.seen) == (24 - 9 if not rerun else 0)  # what the forced run journaled is kept
+        assert not list(out.glob("*.journal.jsonl"))
+        for k in range(4):
+            assert all(len(r["capsfusion"].split()) <= 3 for r in read_all(out / f"s{k}.jsonl"))
+
+
+def test_any_failure_inside_a_shard_costs_that_shard_only(tmp_path, sample_rows, monkeypatch):
+    """A bug or an unforeseen library error while one shard is written fails that shard with one line;
+    the other shards are written; --verbose adds the traceback."""
+    data = tmp_path / "data"
+    for k in range(3):
+        write(data / f"s{k}.jsonl", sample_rows[4 * k: 4 * k + 4])
+    real = FuseRun._assemble
+
+    def assemble(self, journal, summary):
+        if self.label == "s1.jsonl":
+            raise OverflowError("int too big to convert")
+        return real(self, journal, summary)
+
+    monkeypatch.setattr(FuseRun, "_assemble", assemble)
+    for verbose in (False, True):
+        progress = NoteRecorder()
+        cfg = DatasetConfig(input=data, output=tmp_path / f"out{verbose}", model=MODEL, slots=4)
+        run = DatasetRun(cfg, progress=progress, fuser_factory=FakeFactory())
+        run.verbose = verbose
+        run.prepare()
+        summary = run.execute()
+        assert summary.shards_done == 2 and [rel for rel, _ in summary.failed] == ["s1.jsonl"]
+        reason = dict(summary.failed)["s1.jsonl"]
+        assert reason.startswith("internal error (OverflowError: int too big to convert)") and "\n" not in reason
+        traces = [n for n in progress.notes if n.startswith("Traceback")]
+        assert len(traces) == (1 if verbose else 0) and (not verbose or "in assemble" in traces[0])
+        assert sorted(p.name for p in cfg.output.iterdir() if not p.name.endswith(".journal.jsonl")) == [
+            "s0.jsonl", "s0.jsonl.meta.json", "s2.jsonl", "s2.jsonl.meta.json"]
+
+
+@needs_pyarrow
+def test_an_integer_beyond_int64_reaches_a_parquet_output_as_text(tmp_path, sample_rows):
+    """JSON allows any integer; Parquet's int64 does not: such a column is written as text (JSON), like
+    nested values, instead of an OverflowError after all the model work."""
+    data = tmp_path / "data"
+    (data).mkdir()
+    rows = [dict(sample_rows[0], id=1), dict(sample_rows[1], id=10 ** 30), dict(sample_rows[2], id=None)]
+    (data / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write(data / "b.jsonl", sample_rows[3:5])
+    run, summary = run_dataset(data, tmp_path / "out", output_format="parquet")
+    assert summary.complete and not summary.failed
+    assert [r["id"] for r in read_all(tmp_path / "out" / "a.parquet")] == ["1", str(10 ** 30), None]
+
+
+def test_results_of_a_shard_that_failed_meanwhile_are_dropped(tmp_path, sample_rows, monkeypatch):
+    """A shard fails (here: its journal refuses a row) while more of its rows are in the engine: their
+    results, arriving later, are dropped, not journaled into the closed journal; the other shards are
+    written and the failed one is reported once."""
+    data = tmp_path / "data"
+    for k in range(3):
+        write(data / f"s{k}.jsonl", distinct(sample_rows, 10, f"s{k}-"))
+    real = FuseRun.take
+    taken = []
+
+    def take(self, position, result):
+        taken.append(self.label)
+        if self.label == "s1.jsonl":
+            raise InputFileError(f"{self.label}: refused (test)")
+        return real(self, position, result)
+
+    monkeypatch.setattr(FuseRun, "take", take)
+    progress = NoteRecorder()
+    run, summary = run_dataset(data, tmp_path / "out", progress=progress, slots=6)
+    assert taken.count("s1.jsonl") == 1  # its other rows' results never reached it
+    assert summary.shards_done == 2 and summary.failed == [("s1.jsonl", "s1.jsonl: refused (test)")]
+    assert [n for n in progress.notes if "failed" in n] == ["shard s1.jsonl failed: s1.jsonl: refused (test)"]
+    for k in (0, 2):
+        assert len(read_all(tmp_path / "out" / f"s{k}.jsonl")) == 10

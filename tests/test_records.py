@@ -640,3 +640,62 @@ def test_fuse_input_format_combines_with_compression_and_bad_gzip_is_one_line(tm
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "the gzip data ends early" in result.stderr and len(result.stderr.strip().splitlines()) <= 2
     assert not (tmp_path / "out2.jsonl").exists()
+
+
+def _jsonl_parts(tmp_path, parts: list[list[dict]], specs=None) -> list[Path]:
+    """JSONL shard parts with the meta files `fuse --shard I/N` writes beside them (``specs``: the
+    selection.shard of each, default ``I/N``)."""
+    total = sum(map(len, parts))
+    paths = []
+    for i, rows in enumerate(parts):
+        part = tmp_path / f"p{i}.jsonl"
+        part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        spec = f"{i}/{len(parts)}" if specs is None else specs[i]
+        meta = {"selection": {"shard": spec, "limit": None}, "input": {"rows": total, "bytes": 99},
+                "output": {"rows": len(rows), "bytes": part.stat().st_size}}
+        (tmp_path / f"p{i}.jsonl.meta.json").write_text(json.dumps(meta))
+        paths.append(part)
+    return paths
+
+
+@needs_pyarrow
+def test_merge_into_parquet_unites_a_column_null_in_one_part_and_numbers_in_another(tmp_path):
+    """Issue 16: JSONL parts whose column `n` is null in one part and int in the other have the same
+    column names; the merged Parquet file's column holds both (no ArrowTypeError)."""
+    from capsfuse_lite.shards import merge_shards
+
+    parts = _jsonl_parts(tmp_path, [[{"t": "a", "n": None}, {"t": "c", "n": None}], [{"t": "b", "n": 7}]])
+    assert merge_shards(parts, tmp_path / "all.parquet") == 3
+    assert read_all(tmp_path / "all.parquet") == [{"t": "a", "n": None}, {"t": "b", "n": 7}, {"t": "c", "n": None}]
+    assert pq.read_schema(tmp_path / "all.parquet").field("n").type == pa.int64()
+
+
+@pytest.mark.parametrize("spec", [1, "1/1", ["0", "2"]])
+def test_merge_of_a_hand_edited_shard_in_a_meta_file_names_the_file(tmp_path, spec):
+    """Issue 16: `"shard": 1` was an AttributeError (internal error), `"shard": "1/1"` an error naming
+    --shard, an option merge does not have: now one line naming the meta file and the fix."""
+    parts = _jsonl_parts(tmp_path, [[{"t": "a"}], [{"t": "b"}]], specs=["0/2", spec])
+    result = CliRunner().invoke(__import__("capsfuse_lite.cli", fromlist=["app"]).app,
+                                ["merge", *map(str, parts), "-o", str(tmp_path / "all.jsonl")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'p1.jsonl.meta.json'}: selection.shard is {json.dumps(spec)}, not \"I/N\" with 0 <= I < N "
+        "(the meta file was edited or damaged); rerun that shard"]
+
+
+@needs_pyarrow
+def test_nan_and_infinite_floats_are_written_to_json_as_null(tmp_path):
+    """Issue 16: Parquet floats NaN/inf became bare NaN/Infinity in JSON and JSONL output (not JSON);
+    JSON has no such numbers, so they are written as null (nested ones too). CSV keeps Python's text."""
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"x": [1.5, float("nan"), float("inf")], "l": [[1.0], [float("-inf")], None]}), src)
+    rows = read_all(src)
+    layout = open_reader(src).scan()
+    for name, fmt in (("out.jsonl", "jsonl"), ("out.json", "json")):
+        with open_writer(tmp_path / name, fmt, layout) as writer:
+            for row in rows:
+                writer.write(row)
+        text = (tmp_path / name).read_text()
+        json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {name}")) if fmt == "json" else [
+            json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {name}")) for line in text.splitlines()]
+        assert read_all(tmp_path / name) == [{"x": 1.5, "l": [1.0]}, {"x": None, "l": [None]}, {"x": None, "l": None}]
