@@ -19,9 +19,13 @@ without a merge step.
 is the unit): journal beside the output, one run per output (lock), content-keyed resume, output
 written to ``.partial`` and renamed, ``.meta.json``. On top:
 
-- *Skip if done.* A shard whose output exists and whose meta file matches this run (model sha256,
-  decoding settings, caption fields, input and output sizes) is skipped without being read. An
-  output without such a meta file fails its shard: nothing is overwritten without ``force``.
+- *Skip if done, continue if cut.* A shard whose output is complete by the rule of a single-file run
+  (:func:`capsfuse_lite.outputs.finished_output`: input sha256, every setting that changes the
+  output's bytes, output size) is skipped without being parsed. A journal beside an existing output
+  is an interrupted run's, which the shard continues (:func:`capsfuse_lite.outputs.unfinished_journal`);
+  a ``force`` run first leaves an empty journal beside every output it is to redo, so that when it is
+  cut, the command it prints (without ``--force``) finishes its work. Any other existing output fails
+  its shard, naming what differs: nothing is overwritten without ``force``.
 - *One engine, slots kept full.* The model is loaded once (and only if some row needs it). One
   ``Fuser.fuse(ordered=False)`` stream takes the pending rows of shard after shard (:class:`ShardStream`),
   so the next shard's rows fill the slots while the last rows of the previous one finish. Each result
@@ -30,7 +34,8 @@ written to ``.partial`` and renamed, ``.meta.json``. On top:
   stream is about to take its rows, and closed once published: the shards open at a time are those
   with rows in the engine (at most ``slots + 1``), whatever the number of shards.
 - *A bad shard costs one shard.* A malformed file, an output that is not this run's, a journal of
-  other settings or one in use by another process fails that shard with one line naming it; the
+  other settings or one in use by another process -- or any other failure while the shard is read,
+  journaled or written, a bug included (:func:`failure_line`) -- fails that shard with one line; the
   other shards go on, and the run ends with exit code 2 listing them. A full disk stops the run (every
   later shard would fail too); journals keep what was done.
 """
