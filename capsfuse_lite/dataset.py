@@ -247,7 +247,7 @@ class ShardOutcome:
     status: str
     error: str | None = None
     rows: int = 0  # rows of the shard (0 when unknown)
-    counts: dict = field(default_factory=dict)  # RunSummary counts of a done shard
+    counts: dict = field(default_factory=dict)  # RunSummary counts of a done or interrupted shard
     fuse_s: float = 0.0
     model: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
@@ -269,6 +269,7 @@ class ShardOutcome:
             return cls.failure(run.label, error, s.rows_total if s else 0)
         status = status or ("done" if s.complete else "interrupted")
         counts = {k: getattr(s, k) for k in COUNTS}
+        counts["skipped_reasons"] = dict(s.skipped_reasons)
         return cls(run.label, status, None, s.rows_total, counts, s.fuse_s, dict(s.model), dict(s.settings))
 
 
@@ -445,9 +446,12 @@ class ShardStream:
 
 @dataclass
 class DatasetSummary(RowCounts):
-    """A dataset run: shard outcomes, and the row counts of the shards it wrote."""
+    """A dataset run: shard outcomes, and the row counts of the shards it wrote or began (interrupted),
+    plus ``rows_complete``, the rows of the shards complete before it: the same figures the progress
+    display counts (failed shards are in neither)."""
 
     output: Path | None = None
+    rows_complete: int = 0  # rows of the shards already complete before this run (skipped)
     shards_total: int = 0
     shards_done: int = 0  # written by this run
     shards_skipped: int = 0  # complete before this run
@@ -469,19 +473,30 @@ class DatasetSummary(RowCounts):
         workers = f" on {self.workers} workers" if self.workers > 1 else ""
         return f"{self.shards_total}{workers}: " + ", ".join(parts)
 
+    @property
+    def rows_done(self) -> int:
+        return self.rows_complete + super().rows_done
+
     def add(self, outcome: ShardOutcome) -> None:
-        if outcome.status == "done":
-            self.shards_done += 1
+        if outcome.status in ("done", "interrupted"):
+            if outcome.status == "done":
+                self.shards_done += 1
+            else:
+                self.shards_left += 1
             for key, value in outcome.counts.items():
-                setattr(self, key, getattr(self, key) + value)
+                if key == "skipped_reasons":
+                    for reason, rows in value.items():
+                        self.skipped_reasons[reason] = self.skipped_reasons.get(reason, 0) + rows
+                else:
+                    setattr(self, key, getattr(self, key) + value)
             self.model = self.model or outcome.model
             self.settings = self.settings or outcome.settings
         elif outcome.status == "skipped":
             self.shards_skipped += 1
+            self.rows_total += outcome.rows
+            self.rows_complete += outcome.rows
         elif outcome.status == "failed":
             self.failed.append((outcome.rel, outcome.error))
-        else:
-            self.shards_left += 1
 
 
 class RowTally:
@@ -654,9 +669,11 @@ class DatasetRun:
 
         def on_done(run: FuseRun, error: BaseException | None) -> None:
             shard = by_run.pop(id(run))
-            if error is not None:
+            if error is not None:  # a failed shard leaves the counts (as it leaves the summary's)
                 tally.forget(shard, run.layout.rows)
                 progress.done -= run.summary.rows_resumed + run.rows_counted
+                progress.rows -= run.rows_counted
+                progress.tokens -= run.summary.generated_tokens
             outcome(shard, ShardOutcome.of(run, error))
 
         self.stream = ShardStream(next_run, get_fuser, on_done)

@@ -201,38 +201,32 @@ def make_progress(quiet: bool = False, stream: IO[str] | None = None, interval: 
 
 
 def summary_rows(summary: Any) -> list[tuple[str, str]]:
-    """(label, value) pairs describing a run summary (see ``runner.RunSummary``); for one file every
-    count says what it counts: the whole output when the run completed, this process's rows when
-    interrupted."""
+    """(label, value) pairs describing a run summary (``runner.RunSummary``, or a dataset's
+    ``dataset.DatasetSummary``): the counts the progress display showed and the meta file records
+    (see ``runner.RowCounts``). Truncated prompts and rows cut at the token limit are of the whole
+    output when the run completed, of this process's rows when interrupted."""
     s = summary
     shards = getattr(s, "shard_counts", None)  # a dataset run (capsfuse_lite.dataset.DatasetSummary)
-    if shards:
-        rows = [
-            ("output", str(s.output)),
-            ("rows", f"{s.rows_total} in this run ({s.rows_resumed} from the journal)"),
-            ("fused", f"{s.rows_fused} by the model, {s.rows_reused} reused (identical caption pairs)"),
-            ("skipped", f"{s.rows_skipped} (missing, null, non-string or empty caption)"),
-            ("truncated prompts", str(s.truncated_prompts)),
-            ("cut at token limit", str(s.length_cut)),
-        ]
+    earlier = f", {s.rows_complete} in shards already complete" if shards else ""
+    sources = f"in this run, {s.rows_resumed} from {'journals' if shards else 'the journal'}{earlier}"
+    scope = "" if s.complete else " of the rows done in this run"
+    if s.complete:
+        output, counted = str(s.output), f"{s.rows_total}: {s.rows_this_run} done {sources}"
     else:
-        now = s.rows_this_run
-        scope = "" if s.complete else " of the rows done in this run"
-        if s.complete:
-            output, counted = str(s.output), f"{s.rows_total}: {now} done in this run, {s.rows_resumed} from the journal"
-        else:
-            done = s.rows_resumed + now
-            output = f"{s.output} (not written yet: the run was interrupted)"
-            counted = (f"{done} of {s.rows_total} done ({now} in this run, {s.rows_resumed} from the journal); "
-                       f"{s.rows_total - done} left")
-        rows = [
-            ("output", output),
-            ("rows", counted),
-            ("fused in this run", f"{s.rows_fused} by the model, {s.rows_reused} copied from an identical caption pair"),
-            ("skipped", f"{s.rows_skipped}{scope}: caption missing, null, not text, empty or refused by the tokenizer"),
-            ("truncated prompts", f"{s.truncated_prompts}{scope}"),
-            ("cut at token limit", f"{s.length_cut}{scope}"),
-        ]
+        sources = f"{s.rows_this_run} {sources}"
+        output = str(s.output) if shards else f"{s.output} (not written yet: the run was interrupted)"
+        counted = f"{s.rows_done} of {s.rows_total} done ({sources}); {s.rows_total - s.rows_done} left"
+        if shards:
+            counted += " in the shards begun"
+    rows = [
+        ("output", output),
+        ("rows", counted),
+        ("done in this run", f"{s.rows_fused} fused by the model, {s.rows_reused} copied from an identical caption "
+                             f"pair, {s.rows_skipped} skipped"),
+        ("skipped", skipped_text(s, shards)),
+        ("truncated prompts", f"{s.truncated_prompts}{scope}"),
+        ("cut at token limit", f"{s.length_cut}{scope}"),
+    ]
     rows += [
         ("wall time", format_duration(s.wall_s)),
         ("throughput", f"{s.rows_per_s:.2f} rows/s, {s.generated_tokens_per_s:.1f} generated tok/s"),
@@ -247,6 +241,19 @@ def summary_rows(summary: Any) -> list[tuple[str, str]]:
         keys = ("beams", "max_new_tokens", "slots", "n_ctx", "n_gpu_layers", "length_offset")
         rows.append(("decoding", ", ".join(f"{k}={st[k]}" for k in keys if st.get(k) is not None)))
     return rows
+
+
+def skipped_text(s: Any, dataset: Any = None) -> str:
+    """Skipped rows by reason, pointing to the ``error`` column: ``3 (field 'laion_2b' is null: 2; the
+    tokenizer refused a caption: 1); each one's error column says why``."""
+    reasons = s.skipped_reasons or {}
+    total = sum(reasons.values())
+    where = ("in the shards written or begun by this run" if dataset else
+             "in the output" if s.complete else "by this run")
+    if not total:
+        return f"0 {where}"
+    parts = "; ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{total} {where} ({parts}); each skipped row's error column says why"
 
 
 def print_summary(summary: Any, console: Any = None) -> None:

@@ -497,6 +497,7 @@ def test_any_failure_inside_a_shard_costs_that_shard_only(tmp_path, sample_rows,
         run.prepare()
         summary = run.execute()
         assert summary.shards_done == 2 and [rel for rel, _ in summary.failed] == ["s1.jsonl"]
+        assert progress.rows == summary.rows_this_run == 8 and progress.done == summary.rows_done  # s1 left both
         reason = dict(summary.failed)["s1.jsonl"]
         assert reason.startswith("internal error (OverflowError: int too big to convert)") and "\n" not in reason
         traces = [n for n in progress.notes if n.startswith("Traceback")]

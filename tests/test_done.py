@@ -371,3 +371,102 @@ def test_rows_appended_after_an_interrupted_run_are_fused_and_the_others_resumed
     assert summary.complete and summary.rows_total == 21 and summary.rows_resumed == 8
     assert len(factory.seen) == 13 and ("one more row", sample_rows[30]["laion_coco"]) in factory.seen
     assert len(read_all(out)) == 21
+
+
+# -- one set of counts for the progress display, the summary and the meta file (issue 17, items 4, 6) --
+
+def _rows_with_bad_ones(sample_rows, n: int) -> list[dict]:
+    """``n`` distinct rows; some with a null or missing caption, some the (fake) tokenizer refuses."""
+    from fake_fuser import REFUSED
+
+    rows = [dict(sample_rows[k % len(sample_rows)], laion_2b=f"{sample_rows[k % len(sample_rows)]['laion_2b']} ({k})")
+            for k in range(n)]
+    for k in range(0, n, 7):
+        rows[k]["laion_2b"] = None
+    for k in range(3, n, 9):
+        rows[k]["laion_coco"] = f"{REFUSED} {k}"
+    rows[5].pop("laion_coco")
+    return rows
+
+
+def _same_counts(progress, summary, meta=None) -> None:
+    assert progress.done == summary.rows_done
+    assert progress.rows == summary.rows_this_run == summary.rows_fused + summary.rows_reused + summary.rows_skipped
+    assert progress.tokens == summary.generated_tokens
+    assert summary.rows_per_s == pytest.approx(summary.rows_this_run / summary.fuse_s)  # skipped rows in both rates
+    if meta is not None:
+        for key, value in meta["counts"].items():
+            assert getattr(summary, key) == value, key
+        assert meta["skipped"]["by_reason"] == summary.skipped_reasons
+        assert meta["skipped"]["rows"] == sum(summary.skipped_reasons.values())
+
+
+def test_the_bar_the_summary_and_the_meta_file_show_the_same_counts(tmp_path, sample_rows):
+    from fake_fuser import NoteRecorder
+
+    from capsfuse_lite.progress import summary_rows
+
+    rows = _rows_with_bad_ones(sample_rows, 40)
+    src, out = tmp_path / "in.json", tmp_path / "out.jsonl"
+    src.write_text(json.dumps(rows), encoding="utf-8")
+    progress = NoteRecorder()
+    run = FuseRun(FuseConfig(input=src, output=out, model=MODEL, slots=2), progress=progress,
+                  fuser_factory=FakeFactory(on_result=lambda n: n == 12 and run.request_stop()))
+    run.prepare()
+    cut = run.execute()
+    assert not cut.complete and cut.rows_skipped > 0
+    _same_counts(progress, cut)
+
+    progress = NoteRecorder()
+    run = FuseRun(FuseConfig(input=src, output=out, model=MODEL, slots=2), progress=progress, fuser_factory=FakeFactory())
+    run.prepare()
+    summary = run.execute()
+    assert summary.complete and summary.rows_done == summary.rows_total == 40 and summary.rows_resumed > 0
+    meta = json.loads(meta_path(out).read_text())
+    _same_counts(progress, summary, meta)
+    written = [r for r in read_all(out) if r["status"] == "skipped"]
+    assert meta["skipped"]["rows"] == len(written) and meta["skipped"]["why"] == "each skipped row's 'error' column"
+    assert meta["skipped"]["by_reason"] == {"field 'laion_2b' is null": 6, "missing field 'laion_coco'": 1,
+                                            "the tokenizer refused a caption": 4}
+    shown = dict(summary_rows(summary))
+    assert shown["skipped"] == ("11 in the output (field 'laion_2b' is null: 6; the tokenizer refused a caption: 4; "
+                                "missing field 'laion_coco': 1); each skipped row's error column says why")
+    assert shown["done in this run"] == (f"{summary.rows_fused} fused by the model, {summary.rows_reused} copied from "
+                                         f"an identical caption pair, {summary.rows_skipped} skipped")
+
+
+def test_a_dataset_summary_counts_what_its_bar_counted(tmp_path, sample_rows):
+    """A stopped dataset run: the rows of the shards it began are in its summary as in its bar (they were
+    not: "4/9 rows" in the bar, 3 in the summary); its rerun's counts add up to the shards' meta files."""
+    from fake_fuser import NoteRecorder
+
+    from capsfuse_lite.dataset import DatasetConfig, DatasetRun
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    rows = _rows_with_bad_ones(sample_rows, 45)
+    for k in range(3):
+        (data / f"s{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[15 * k: 15 * k + 15]))
+    progress = NoteRecorder()
+    cfg = DatasetConfig(input=data, output=out, model=MODEL, slots=4)
+    run = DatasetRun(cfg, progress=progress, fuser_factory=FakeFactory(on_result=lambda n: n == 14 and run.request_stop()))
+    run.prepare()
+    cut = run.execute()
+    assert not cut.complete and cut.shards_left >= 1
+    _same_counts(progress, cut)
+    written_before = {k for k in range(3) if (out / f"s{k}.jsonl").exists()}
+
+    progress = NoteRecorder()
+    run = DatasetRun(DatasetConfig(input=data, output=out, model=MODEL, slots=4), progress=progress,
+                     fuser_factory=FakeFactory())
+    run.prepare()
+    summary = run.execute()
+    assert summary.complete and summary.rows_done == summary.rows_total == 45
+    _same_counts(progress, summary)
+    metas = {k: json.loads(meta_path(out / f"s{k}.jsonl").read_text()) for k in range(3)}
+    before = [k for k in range(3) if k in written_before]
+    assert summary.shards_skipped == len(before) and summary.rows_complete == sum(metas[k]["counts"]["rows_total"]
+                                                                                  for k in before)
+    for key in ("rows_total", "rows_fused", "rows_reused", "rows_skipped", "rows_resumed", "length_cut"):
+        assert getattr(summary, key) - (summary.rows_complete if key == "rows_total" else 0) == sum(
+            metas[k]["counts"][key] for k in range(3) if k not in before), key
