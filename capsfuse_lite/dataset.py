@@ -603,8 +603,8 @@ class DatasetRun:
         (:func:`~capsfuse_lite.journal.mark_replacing`)."""
         if not self.config.force:
             return
-        for shard in self.shards:
-            if shard.output.exists():
+        for shard in self.shards:  # (a journal without an output: an older run's, perhaps of other settings)
+            if shard.output.exists() or journal_path(shard.output).exists():
                 mark_replacing(journal_path(shard.output))
 
     def note_failure(self, rel: str, outcome: ShardOutcome) -> None:

@@ -20,7 +20,8 @@ all of (the same rule for a single file and for each shard of a dataset):
   unchanged input is not read again; outputs from before sha256 was recorded: same path and size;
   an edit that keeps the size is a change);
 - this command asks for what the meta file records: the same model file (sha256), input and output
-  format, CSV delimiter, caption and output fields, ``--limit`` and ``--shard``, and ``--beams`` /
+  format, CSV delimiter, caption and output fields, ``--limit``, ``--shard`` and ``--kv-type``
+  (f16 when not given), and ``--beams`` /
   ``--max-new-tokens`` where given (left out, they are the model's, which is the same file).
 
 ``--slots``, ``--ctx``, ``--threads`` and ``--n-gpu-layers`` are not compared: they change speed,
@@ -152,6 +153,7 @@ def finished_output(cfg: Any, *, output_format: str, input_format: str, model_sh
     compare("--output-field", _get(meta, "fields", "output"), cfg.output_field)
     compare("--limit", _get(meta, "selection", "limit"), cfg.limit)
     compare("--shard", _get(meta, "selection", "shard"), f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else None)
+    compare("--kv-type", _get(meta, "settings", "kv_type") or "f16", cfg.kv_type or "f16")
     for key, flag in (("beams", "--beams"), ("max_new_tokens", "--max-new-tokens")):
         if getattr(cfg, key) is not None:
             compare(flag, _get(meta, "settings", key), getattr(cfg, key))

@@ -117,6 +117,7 @@ def test_an_output_that_is_not_complete_for_this_input_is_refused_with_the_reaso
     (("--output-field", "fused"), "--output-field capsfusion -> fused"),
     (("--raw-field", "laion_coco", "--synthetic-field", "laion_2b"), "--raw-field laion_2b -> laion_coco"),
     (("--output-format", "json"), "output format jsonl -> json"),
+    (("--kv-type", "q8_0"), "--kv-type f16 -> q8_0"),  # a quantized KV cache changes the captions
 ])
 def test_other_settings_are_refused_naming_what_differs(done, extra, differs):
     src, out = done

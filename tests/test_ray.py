@@ -148,8 +148,11 @@ def test_a_killed_job_then_the_same_command_resumes(cluster, dataset, tiny_gguf_
                                   stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 180
 
+    def done(name: str) -> bool:  # written with its meta file (an output without one is continued from its journal)
+        return (out / name).exists() and (out / f"{name}.meta.json").exists()
+
     def mid_run() -> bool:  # a shard published and another one cut (journaled rows, not published)
-        published = {name for name in SHARDS if (out / name).exists()}
+        published = {name for name in SHARDS if done(name)}
         return bool(published) and any(p.read_bytes().count(b"\n") > 2 for p in out.glob("*.journal.jsonl")
                                        if p.name[: -len(".journal.jsonl")] not in published)
 
@@ -173,7 +176,7 @@ def test_a_killed_job_then_the_same_command_resumes(cluster, dataset, tiny_gguf_
     while any(alive(pid) for pid in workers):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    published = [name for name in SHARDS if (out / name).exists()]
+    published = [name for name in SHARDS if done(name)]
     journaled = sum(p.read_bytes().count(b"\n") - 1 for p in out.glob("*.journal.jsonl")
                     if p.name[: -len(".journal.jsonl")] not in published)  # (killed between publishing and cleaning up)
 
