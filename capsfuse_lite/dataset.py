@@ -600,6 +600,7 @@ class DatasetRun:
             nonlocal fuser
             progress.note(f"loading {cfg.model} ...")
             fuser = self.fuser_factory(Path(cfg.model), **fuser_kwargs(cfg, base))
+            progress.watch(getattr(fuser, "live", None))
             reason = getattr(fuser, "slots_reason", None)
             if reason:
                 progress.note(reason)

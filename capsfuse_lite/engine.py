@@ -300,6 +300,15 @@ class Fuser:
 
     # -- fusing -------------------------------------------------------------------------------
 
+    def live(self) -> tuple[int, int]:
+        """``(rows in flight, tokens generated)`` now, for a progress display while no row has
+        finished yet (safe to call from another thread: it only reads). Tokens count every row's
+        generated tokens so far, finished rows included (EOS excluded)."""
+        scheduler = self._scheduler
+        active = list(scheduler.active_rows) if scheduler is not None else []
+        return len(active), self.stats.generated_tokens + sum(row.search.n_generated for row in active)
+
+
     def request_stop(self) -> None:
         """Make a running ``fuse()`` return after its current decode step (safe from a signal
         handler). Rows still in flight are dropped, and with ``ordered=True`` so are finished rows

@@ -580,6 +580,7 @@ class FuseRun:
             return
         self._note(f"loading {cfg.model} ...")
         self.fuser = self.fuser_factory(Path(cfg.model), **fuser_kwargs(cfg, self._fingerprint))
+        self.progress.watch(getattr(self.fuser, "live", None))
         reason = getattr(self.fuser, "slots_reason", None)
         if reason:
             self._note(reason)

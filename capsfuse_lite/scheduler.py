@@ -126,6 +126,7 @@ class Scheduler:
                 f"{self.slots * self.beams} sequences; raise n_batch or lower slots"
             )
         self._top_k = RowTopK(self.host_threads)
+        self.active_rows: list[_Row] = []  # the rows of the running step (read by progress displays)
 
     def close(self) -> None:
         self._top_k.close()
@@ -175,6 +176,7 @@ class Scheduler:
                 self._decode()
         free_slots = deque(range(self.slots))
         active: list[_Row] = []  # admission order
+        self.active_rows = active
         waiting: tuple[int, Prompt] | None = None
         exhausted = False
         clock = time.perf_counter
