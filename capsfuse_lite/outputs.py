@@ -13,7 +13,7 @@ all of:
 - the input has the content the output was made from (sha256, cached by path, size and mtime, so an
   unchanged input is not read again; outputs from before sha256 was recorded: same path and size);
 - this command asks for what the meta file records: the same model file (sha256), input and output
-  format, CSV delimiter, caption and output fields, ``--limit`` and ``--shard``, and ``--beams`` /
+  format, CSV delimiter, caption and output fields, ``--limit``, ``--shard``, ``--chat-template``, and ``--beams`` /
   ``--max-new-tokens`` where given (left out, they are the model's, which is the same file).
 
 ``--slots``, ``--ctx``, ``--threads`` and ``--n-gpu-layers`` are not compared: they change speed,
@@ -133,6 +133,7 @@ def finished_output(cfg: Any, *, output_format: str, input_format: str) -> str:
     for key, flag in (("beams", "--beams"), ("max_new_tokens", "--max-new-tokens")):
         if getattr(cfg, key) is not None:
             compare(flag, _get(meta, "settings", key), getattr(cfg, key))
+    compare("--chat-template", _get(meta, "settings", "chat_template") or "none", getattr(cfg, "chat_template", "none"))
 
     made_with = _get(meta, "model", "sha256")
     model = Path(cfg.model).expanduser() if cfg.model is not None else default_model_path()

@@ -109,7 +109,7 @@ class Scheduler:
     beams: int
     max_new_tokens: int
     length_offset: int
-    eos_id: int
+    eos_id: int | frozenset[int]  # the model's end-of-generation tokens (Vocab.eog_ids)
     prefix_ids: list[int] | None  # None: prefix cache off
     host_threads: int = 1  # threads for the vectorised search of large steps
     streams: bool = False  # one KV stream per sequence (greedy), else one unified cache
