@@ -560,8 +560,8 @@ def plot_report(report: dict, path: str | Path) -> Path | None:
     for i, (label, value) in enumerate(layout["baselines"]):
         color = f"C{(len(series) + i) % 10}"
         ax.axhline(value, linestyle="--", color=color, label=label)
-        ax.annotate(label, xy=(0.01, value), xycoords=("axes fraction", "data"), xytext=(0, 2),
-                    textcoords="offset points", fontsize=8, color=color, va="bottom")
+        ax.annotate(label, xy=(0.99, value), xycoords=("axes fraction", "data"), xytext=(0, -2),
+                    textcoords="offset points", fontsize=8, color=color, ha="right", va="top")
     ax.set_xscale("log", base=2)
     ticks = sorted({p[0] for pts in series.values() for p in pts})
     ax.set_xticks(ticks, [str(t) for t in ticks])
