@@ -276,6 +276,12 @@ def merge_beams(tokens: np.ndarray, values: np.ndarray, log_norm: np.ndarray, be
             np.take_along_axis(tokens.reshape(rows, n_beams * k_row), order, axis=1))
 
 
+def _end_tokens(eos) -> frozenset[int]:
+    """The tokens that end a hypothesis: one EOS id, or a set of them (a model's end-of-generation
+    tokens, e.g. ``<|im_end|>`` and ``<|endoftext|>``)."""
+    return frozenset(int(t) for t in eos) if isinstance(eos, (set, frozenset, list, tuple)) else frozenset([int(eos)])
+
+
 @dataclass
 class Hypothesis:
     score: float  # length-normalised
@@ -294,8 +300,9 @@ class GreedySearch:
 
     num_beams = 1
 
-    def __init__(self, eos_id: int, max_new_tokens: int):
-        self.eos_id = int(eos_id)
+    def __init__(self, eos_id: int | frozenset[int], max_new_tokens: int):
+        self.eos_id = eos_id
+        self._eos = _end_tokens(eos_id)
         self.max_new_tokens = int(max_new_tokens)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
@@ -317,7 +324,7 @@ class GreedySearch:
 
     def advance(self, token: int) -> list[int]:
         """One step given the argmax token (the engine takes the argmax of all rows at once)."""
-        if token == self.eos_id:
+        if token in self._eos:
             self.finish_reason = "eos"
             return []
         self.tokens.append(token)
@@ -335,7 +342,7 @@ class BeamSearch:
     """Beam search over one row; see the module docstring for the exact semantics."""
 
     num_beams: int
-    eos_id: int
+    eos_id: int | frozenset[int]  # the end token, or every token that ends generation (llama_vocab_is_eog)
     max_new_tokens: int
     length_offset: int = 256
     length_penalty: float = 1.0
@@ -349,6 +356,7 @@ class BeamSearch:
             raise ValueError("beam search needs at least 2 beams; use GreedySearch for 1")
         if self.length_offset < 0:
             raise ValueError("length_offset must be >= 0")
+        self._eos = _end_tokens(self.eos_id)
 
     @property
     def n_generated(self) -> int:
@@ -403,10 +411,10 @@ class BeamSearch:
         stopped_all = True
         for rank, (score, parent, token) in enumerate(candidates):
             beam = self.running[parent]
-            stops = token == self.eos_id or last
+            stops = token in self._eos or last
             if stops:
                 if rank < n_beams:
-                    if token == self.eos_id:
+                    if token in self._eos:
                         self._add(Hypothesis(self._norm(score, n), list(beam.tokens), "eos"))
                     else:
                         self._add(Hypothesis(self._norm(score, n), beam.tokens + [token], "length"))
@@ -430,7 +438,7 @@ class BeamSearch:
         parents: list[int] = []
         for rank, (score, parent, token) in enumerate(candidates):
             beam = self.running[parent]
-            if token == self.eos_id:
+            if token in self._eos:
                 if rank >= n_beams:
                     continue
                 self._add(Hypothesis(self._norm(score, offset + n_before), list(beam.tokens), "eos"))

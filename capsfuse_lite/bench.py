@@ -418,12 +418,50 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     report["load_average_end"] = list(os.getloadavg())
     report["results"] = results
     report["recommended_slots"] = recommend_slots(results)
+    report["foreign_load_warning"] = mark_foreign_load(report)
     engine_info = next((r.get("settings") for r in results if r["system"] == ENGINE and r.get("settings")), None)
     if engine_info:
         report["engine_settings_example"] = engine_info
     report["machine"]["platform"] = platform.platform()
     report["devices"] = _device_names(opts.devices)
     return report
+
+
+FOREIGN_LOAD_CORES = 0.25  # other processes' load (cores) from which figures are marked ...
+FOREIGN_LOAD_SHARE = 0.05  # ... when it is also this share of the machine's logical CPUs
+
+
+def foreign_load(result: dict) -> float | None:
+    """The most cores other processes kept busy during a configuration: its timed passes and the
+    whole configuration (load, warm-up, passes); None where it could not be measured."""
+    values = [run.get("foreign_cpu_load") for run in result.get("runs") or []] + [result.get("foreign_cpu_load")]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def foreign_load_limit(cpus: int | None) -> float:
+    """Foreign load (cores) from which a configuration's figures are marked as disturbed."""
+    return max(FOREIGN_LOAD_CORES, FOREIGN_LOAD_SHARE * (cpus or 1))
+
+
+def mark_foreign_load(report: dict) -> str | None:
+    """Mark every configuration other processes disturbed (``foreign_load_disturbed``) and return
+    the warning the command prints (None on a quiet machine): on a busy machine two identical runs
+    measured x1.37 and x1.04 over the same baseline (issue 17)."""
+    cpus = (report.get("machine") or {}).get("logical_cpus")
+    limit = foreign_load_limit(cpus)
+    results = report.get("results") or []
+    hit = []
+    for r in results:
+        load = foreign_load(r)
+        r["foreign_load_disturbed"] = load is not None and load >= limit
+        if r["foreign_load_disturbed"]:
+            hit.append(load)
+    if not hit:
+        return None
+    of = f" of {cpus}" if cpus else ""
+    return (f"other processes kept up to {max(hit):.2f}{of} cores busy during {len(hit)} of {len(results)} "
+            f"configurations (marked * in the table): their figures and ratios are not reliable; rerun on an idle machine")
 
 
 def _device_names(kinds: list[str]) -> dict:
@@ -480,6 +518,31 @@ def plot_report_subprocess(report_path: str | Path, png: str | Path) -> Path | N
     return Path(png) if done.returncode == 0 and Path(png).is_file() else None
 
 
+def plot_layout(report: dict) -> dict:
+    """What :func:`plot_report` draws, without matplotlib: ``series`` (label -> sorted (slots,
+    rows/s) of the engine), ``baselines`` (label naming the system and its rows/s, rows/s), the
+    y-axis from 0 to ``y_top`` (a y-axis from the lowest point made x1.04 look like x1.8) and the
+    ``title``. Configurations other processes disturbed are marked * (:func:`mark_foreign_load`)."""
+    results = [r for r in report["results"] if r["status"] == "ok"]
+    star = lambda r: " *" if r.get("foreign_load_disturbed") else ""  # noqa: E731
+    series: dict[str, list[tuple[int, float]]] = {}
+    disturbed: set[str] = set()
+    for r in results:
+        if r["system"] == ENGINE:
+            key = f"{r['device']} beams={r['beams']} cache={'on' if r['prefix_cache'] else 'off'}"
+            series.setdefault(key, []).append((r["slots"], r["rows_per_s"]))
+            if r.get("foreign_load_disturbed"):
+                disturbed.add(key)
+    series = {key + (" *" if key in disturbed else ""): sorted(pts) for key, pts in sorted(series.items())}
+    baselines = [(f"{r['name']}: {r['rows_per_s']:.2f} rows/s{star(r)}", r["rows_per_s"]) for r in results if r["system"] != ENGINE]
+    values = [v for pts in series.values() for _, v in pts] + [v for _, v in baselines]
+    s = report["settings"]
+    title = f"{Path(report['model']['path']).name}: {s['rows']} rows, {s['max_new_tokens']} new tokens"
+    if report.get("foreign_load_warning"):
+        title += "\n* measured while other processes kept cores busy: not reliable"
+    return {"series": series, "baselines": baselines, "y_top": 1.1 * max(values) if values else 1.0, "title": title}
+
+
 def plot_report(report: dict, path: str | Path) -> Path | None:
     """Rows/s against slots per device/beams/cache, baselines as dashed lines; None without matplotlib."""
     try:
@@ -489,26 +552,24 @@ def plot_report(report: dict, path: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    layout = plot_layout(report)
+    series = layout["series"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    results = [r for r in report["results"] if r["status"] == "ok"]
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in results:
-        if r["system"] == ENGINE:
-            key = f"{r['device']} beams={r['beams']} cache={'on' if r['prefix_cache'] else 'off'}"
-            series.setdefault(key, []).append((r["slots"], r["rows_per_s"]))
-    for key, pts in sorted(series.items()):
-        pts.sort()
+    for key, pts in series.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    for i, r in enumerate(r for r in results if r["system"] != ENGINE):
-        ax.axhline(r["rows_per_s"], linestyle="--", color=f"C{(len(series) + i) % 10}", label=r["name"])
+    for i, (label, value) in enumerate(layout["baselines"]):
+        color = f"C{(len(series) + i) % 10}"
+        ax.axhline(value, linestyle="--", color=color, label=label)
+        ax.annotate(label, xy=(0.99, value), xycoords=("axes fraction", "data"), xytext=(0, -2),
+                    textcoords="offset points", fontsize=8, color=color, ha="right", va="top")
     ax.set_xscale("log", base=2)
     ticks = sorted({p[0] for pts in series.values() for p in pts})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("slots (sequences decoded together)")
     ax.set_ylabel("rows/s")
-    s = report["settings"]
-    ax.set_title(f"{Path(report['model']['path']).name}: {s['rows']} rows, {s['max_new_tokens']} new tokens")
+    ax.set_ylim(bottom=0, top=layout["y_top"])
+    ax.set_title(layout["title"], fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

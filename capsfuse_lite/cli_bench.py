@@ -139,6 +139,8 @@ def bench(
                 report = run_bench(opts, progress=lambda text: status.update(plain(f"benchmarking {text}")))
         write_report(report, output)
         print_report_table(report, Console(highlight=False))
+        if report.get("foreign_load_warning"):
+            console.print(plain("warning:", " ", report["foreign_load_warning"], style="bold yellow"))
         for rec in report["recommended_slots"]:
             console.print(plain(f"recommended --slots for {rec['device']}, beams={rec['beams']}: {rec['slots']} ({rec['reason']})"))
         stored = remember_recommendations(report)
@@ -185,7 +187,8 @@ def report_table(report: dict):
         if r["status"] != "ok":
             rows.append([plain(r["name"]), plain("failed", f": {r.get('error', '')}", style="red")])
             continue
-        cells = [r["name"], _fmt(r["rows_per_s"], ".2f"), _fmt(r["generated_tokens_per_s"], ".1f"),
+        name = r["name"] + (" *" if r.get("foreign_load_disturbed") else "")
+        cells = [name, _fmt(r["rows_per_s"], ".2f"), _fmt(r["generated_tokens_per_s"], ".1f"),
                  _fmt(r["prompt_tokens_per_s"], ".0f"), _fmt(r["time_to_first_result_s"], ".2f"),
                  _fmt(r["peak_rss_mib"], ".0f")]
         if steps:
@@ -199,6 +202,8 @@ def report_table(report: dict):
         table.add_column(name, justify="left" if k == 0 else "right", no_wrap=k == 0, min_width=widest)
     for row in rows:
         table.add_row(*row)
+    if report.get("foreign_load_warning"):
+        table.caption = plain("* measured while other processes kept cores busy (report: foreign_cpu_load)")
     return table
 
 

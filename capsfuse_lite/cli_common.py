@@ -27,6 +27,9 @@ HELP_RAW_FIELD = "Column with the raw alt-text (Sentence 1 of the prompt)."
 HELP_SYNTHETIC_FIELD = "Column with the synthetic caption (Sentence 2)."
 HELP_FORCE = "Overwrite OUTPUT if it exists."
 HELP_QUIET = "Plain log lines instead of a progress bar (the default when stderr is not a terminal)."
+HELP_CHAT_TEMPLATE = ("none: upstream's prompt text as it is (CapsFus-LLaMA's; also the default for other models); auto: "
+                      "for another instruct model, that prompt as the user message of the GGUF's own chat template "
+                      "(tokenizer.chat_template, rendered by llama.cpp).  [default: none]")
 HELP_VERBOSE = "Show llama.cpp's own log lines (model loading, devices), e.g. when a model does not load."
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import defaults
-from .cli_common import (HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_OUTPUT_FORMAT, HELP_QUIET, HELP_RAW_FIELD,
+from .cli_common import (HELP_CHAT_TEMPLATE, HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_OUTPUT_FORMAT, HELP_QUIET, HELP_RAW_FIELD,
                          HELP_SYNTHETIC_FIELD, HELP_VERBOSE, help_threads)
 from .plan import DEFAULT_KNEE
 from .records import csv_delimiter_name, parse_csv_delimiter
@@ -124,6 +124,7 @@ def fuse(
     beams: Annotated[Optional[int], typer.Option(metavar="N", help="Beams per row; 1 = greedy.  [default: the model's capsfuse.num_beams: 3, upstream's]")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(metavar="N", help="Most tokens generated per caption.  [default: the model's capsfuse.max_new_tokens: 80, upstream's]")] = None,
     n_gpu_layers: Annotated[Optional[int], typer.Option(metavar="N", help="Layers offloaded to the GPU (0: CPU only).  [default: all when llama.cpp is built with GPU support, else 0]")] = None,
+    chat_template: Annotated[str, typer.Option("--chat-template", metavar="MODE", help=HELP_CHAT_TEMPLATE)] = "none",
     kv_type: Annotated[Optional[str], typer.Option("--kv-type", metavar="TYPE", help="KV cache element type: f16, q8_0 (half the memory, so more slots fit; needs flash attention), f32, bf16, q4_0.  [default: f16]")] = None,
     ctx_size: Annotated[Optional[int], typer.Option("--ctx", metavar="N", help="KV cache size in tokens.  [default: enough for every slot's longest prompt and all its beams]")] = None,
     threads: Annotated[Optional[int], typer.Option(metavar="N", help=f"CPU threads for llama.cpp.  {help_threads()}")] = None,
@@ -162,7 +163,7 @@ def fuse(
                 model=None, input_format=input_format, output_format=output_format, csv_delimiter=csv_delimiter,
                 raw_field=raw_field, synthetic_field=synthetic_field, output_field=output_field, slots=parse_slots(slots),
                 beams=beams, max_new_tokens=max_new_tokens, n_gpu_layers=n_gpu_layers, kv_type=kv_type, n_ctx=ctx_size, n_threads=threads,
-                limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
+                chat_template=chat_template, limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
             ray_options = None
             if ray or ray_address:
                 from .cluster import RayOptions
@@ -176,7 +177,7 @@ def fuse(
             csv_delimiter=csv_delimiter,
             raw_field=raw_field, synthetic_field=synthetic_field, output_field=output_field, slots=parse_slots(slots),
             beams=beams, max_new_tokens=max_new_tokens, n_gpu_layers=n_gpu_layers, kv_type=kv_type, n_ctx=ctx_size, n_threads=threads,
-            limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
+            chat_template=chat_template, limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
         progress = make_progress(quiet)
         run = FuseRun(cfg, progress=progress)
         run.prepare()  # a malformed input fails here, before any model work

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import defaults
-from .cli_common import (HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_RAW_FIELD, HELP_SYNTHETIC_FIELD,
-                         HELP_VERBOSE)
+from .cli_common import (HELP_CHAT_TEMPLATE, HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_RAW_FIELD,
+                         HELP_SYNTHETIC_FIELD, HELP_VERBOSE)
 
 
 def _model_help() -> str:
@@ -30,6 +30,7 @@ def prompts(
     raw_field: Annotated[str, typer.Option(metavar="NAME", help=HELP_RAW_FIELD)] = defaults.RAW_FIELD,
     synthetic_field: Annotated[str, typer.Option(metavar="NAME", help=HELP_SYNTHETIC_FIELD)] = defaults.SYNTHETIC_FIELD,
     limit: Annotated[Optional[int], typer.Option(metavar="N", help="Only the first N input rows.")] = None,
+    chat_template: Annotated[str, typer.Option("--chat-template", metavar="MODE", help=HELP_CHAT_TEMPLATE)] = "none",
     force: Annotated[bool, typer.Option("--force", help=HELP_FORCE)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help=HELP_VERBOSE)] = False,
 ) -> None:
@@ -64,7 +65,9 @@ def prompts(
         summary = PreviewSummary()
         model_path = resolve_model(model, offer_conversion=False)
         make_output_folder(output)
-        with PromptPreview(model_path) as preview:
+        with PromptPreview(model_path, chat_template) as preview:
+            if preview.model_note:
+                typer.echo(preview.model_note, err=True)
             built = {}  # the prompt of the row whose captions were just checked
 
             def captions(row: dict) -> tuple[str, str, str | None]:

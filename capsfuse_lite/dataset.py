@@ -662,6 +662,9 @@ class DatasetRun:
             nonlocal fuser
             progress.note(f"loading {cfg.model} ...")
             fuser = self.fuser_factory(Path(cfg.model), **fuser_kwargs(cfg, base))
+            progress.watch(getattr(fuser, "live", None))
+            if getattr(fuser, "model_note", None):
+                progress.note(fuser.model_note)
             reason = getattr(fuser, "slots_reason", None)
             if reason:
                 progress.note(reason)

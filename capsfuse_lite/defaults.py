@@ -27,6 +27,11 @@ MAX_NEW_TOKENS = 80
 # normalisation; 256 reproduces how CapsFusion-120M was generated, 0 current transformers.
 LENGTH_OFFSET = 256
 
+# How a prompt meets a model's own chat template (`fuse --chat-template`): "none" feeds upstream's
+# prompt text as it is (CapsFus-LLaMA was trained on that); "auto" makes it the user message of the
+# GGUF's chat template (tokenizer.chat_template), for other instruct models.
+CHAT_TEMPLATES = ("none", "auto")
+
 RAW_FIELD = "laion_2b"
 SYNTHETIC_FIELD = "laion_coco"
 OUTPUT_FIELD = "capsfusion"

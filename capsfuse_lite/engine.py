@@ -20,7 +20,8 @@ from typing import Iterable, Iterator
 
 from . import defaults
 from .errors import ConfigError, ModelLoadError
-from .llama import Batch, Context, LlamaError, Model, devices, set_verbose, supports_gpu_offload  # first: loads llama.cpp
+from .llama import (Batch, Context, LlamaError, Model, apply_chat_template, devices, set_verbose,  # first: loads llama.cpp
+                    supports_gpu_offload)
 from .machine import available_memory, default_threads
 from .models import gguf_defaults
 from .plan import ModelShape, choose_layout, kv_layout
@@ -126,7 +127,10 @@ class Fuser:
     (:mod:`capsfuse_lite.plan`). ``n_ctx=None`` sizes a unified KV cache for the worst case of every
     slot at once; a smaller ``n_ctx`` admits rows only while their worst case fits. ``n_batch=None``
     is ``max(512, slots x beams)``. ``length_offset``: see :mod:`capsfuse_lite.beams` (256 =
-    upstream's transformers 4.28 arithmetic, 0 = current transformers). ``stats`` (a
+    upstream's transformers 4.28 arithmetic, 0 = current transformers). ``chat_template``: "none"
+    feeds upstream's prompt as it is, "auto" inside the GGUF's own chat template (other instruct
+    models; :func:`prompt_builder`); ``model_note`` is one line on how a model without ``capsfuse.*``
+    metadata is prompted (None for CapsFus-LLaMA). ``stats`` (a
     :class:`FuserStats`) splits time into device (llama.cpp's kernels) and host (this engine).
     """
 
@@ -146,8 +150,10 @@ class Fuser:
         kv_unified: bool | None = None,
         length_offset: int | None = None,
         prefix_cache: bool = True,
+        chat_template: str = "none",
         verbose: bool | None = None,
     ):
+        check_chat_template(chat_template)
         if slots != "auto":
             _positive("slots", slots, optional=False)
         _positive("beams", beams)
@@ -177,10 +183,12 @@ class Fuser:
             max_new_tokens = max_new_tokens or meta["max_new_tokens"]
             if length_offset is None:
                 length_offset = meta["length_offset"]
-            self._builder = prompt_builder(model, meta)
+            self._builder = prompt_builder(model, meta, chat_template)
+            self.end_tokens = end_tokens(model, meta)
+            self.model_note = model_note(model, meta, chat_template, self._builder.chat is not None)
             probe = self._builder.build("", "")  # a template longer than the budget fails here, not on every row
             max_input_tokens = self._builder.max_tokens
-            prefix_ids = self.tokenize(self._builder.prefix_text) if prefix_cache else None
+            prefix_ids = self._builder.prefix_ids() if prefix_cache else None
             n_prefix = len(prefix_ids) if prefix_ids else 0
             if max_input_tokens + max_new_tokens > model.n_ctx_train > 0:
                 raise ConfigError(
@@ -236,7 +244,7 @@ class Fuser:
             )
             self._batch = Batch(self._ctx.n_batch)
             self._scheduler = Scheduler(
-                self._ctx, self._batch, slots, beams, max_new_tokens, length_offset, model.vocab.eos, prefix_ids,
+                self._ctx, self._batch, slots, beams, max_new_tokens, length_offset, self.end_tokens, prefix_ids,
                 host_threads=default_threads(), streams=not kv_unified,
             )
         except BaseException:
@@ -263,6 +271,9 @@ class Fuser:
             "slots_reason": self.slots_reason,
             "prefix_cache": prefix_cache,
             "prefix_tokens": n_prefix,
+            "chat_template": chat_template,
+            "add_bos": model.vocab.add_bos,
+            "end_tokens": [model.vocab.token_text(t) for t in sorted(self.end_tokens)],
         }
         self.model_info = {
             "path": str(model.path),
@@ -280,9 +291,9 @@ class Fuser:
 
     # -- tokens and prompts -------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        """llama.cpp's tokenization of ``text`` (special-token text is plain text), BOS first
-        unless ``add_bos`` is False."""
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """llama.cpp's tokenization of ``text`` (special-token text is plain text), BOS first as the
+        GGUF's ``tokenizer.ggml.add_bos_token`` says (CapsFus-LLaMA: yes) unless ``add_bos`` is given."""
         return self._open_model().vocab.encode(text, add_bos)
 
     def detokenize(self, ids: list[int]) -> str:
@@ -299,6 +310,15 @@ class Fuser:
         return self._model
 
     # -- fusing -------------------------------------------------------------------------------
+
+    def live(self) -> tuple[int, int]:
+        """``(rows in flight, tokens generated)`` now, for a progress display while no row has
+        finished yet (safe to call from another thread: it only reads). Tokens count every row's
+        generated tokens so far, finished rows included (EOS excluded)."""
+        scheduler = self._scheduler
+        active = list(scheduler.active_rows) if scheduler is not None else []
+        return len(active), self.stats.generated_tokens + sum(row.search.n_generated for row in active)
+
 
     def request_stop(self) -> None:
         """Make a running ``fuse()`` return after its current decode step (safe from a signal
@@ -429,21 +449,92 @@ def _gpu_memory() -> dict | None:
     return {"description": label, "free": sum(d["free"] for d in gpus), "total": sum(d["total"] for d in gpus)}
 
 
-def prompt_builder(model: Model, meta: dict) -> PromptBuilder:
+def check_chat_template(choice: str) -> str:
+    if choice not in defaults.CHAT_TEMPLATES:
+        raise ConfigError(f"--chat-template {choice}: use none (the prompt as it is; CapsFus-LLaMA's) or auto "
+                          "(the GGUF's own chat template around it)")
+    return choice
+
+
+def chat_wrap(chat_template: str | None, instruction: str, source: str) -> tuple[str, str] | None:
+    """The text a GGUF's chat template puts before and after ``instruction`` as the one user message
+    (the assistant's turn opened after it), rendered by llama.cpp; None without a chat template.
+    ``source`` names the model in errors."""
+    if not chat_template:
+        return None
+    text = apply_chat_template(chat_template, [("user", instruction)])
+    if text is None:
+        raise ConfigError(f"{source}: llama.cpp does not know this GGUF's chat template (tokenizer.chat_template); "
+                          "use --chat-template none")
+    at = text.find(instruction)
+    if at < 0:
+        raise ConfigError(f"{source}: its chat template changes the instruction text; use --chat-template none")
+    return text[:at], text[at + len(instruction):]
+
+
+def effective_template_sha256(meta: dict, chat_template: str, source: str) -> str:
+    """sha256 (16 hex digits) of the prompt text around the captions as the model sees it: the
+    template, inside the GGUF's chat template with ``auto`` (``meta`` = gguf_defaults)."""
+    import hashlib
+
+    wrap = chat_wrap(meta.get("chat_template"), meta["prompt_template"], source) if check_chat_template(chat_template) == "auto" else None
+    if wrap is None:
+        return meta["prompt_template_sha256"]
+    return hashlib.sha256((wrap[0] + meta["prompt_template"] + wrap[1]).encode("utf-8")).hexdigest()[:16]
+
+
+def prompt_builder(model: Model, meta: dict, chat_template: str = "none") -> PromptBuilder:
     """The model's :class:`PromptBuilder`: template and budget from its ``capsfuse.*`` metadata
-    (``meta`` = :func:`~capsfuse_lite.models.gguf_defaults`), llama.cpp's tokenizer with BOS,
-    special-token text kept as text."""
-    return PromptBuilder(model.vocab.encode, model.vocab.decode, meta["prompt_template"], meta["max_input_tokens"])
+    (``meta`` = :func:`~capsfuse_lite.models.gguf_defaults`), llama.cpp's tokenizer with BOS as the
+    GGUF says, special-token text kept as text; with ``chat_template="auto"`` inside the GGUF's own
+    chat template (if it has one)."""
+    vocab = model.vocab
+    chat = None
+    if check_chat_template(chat_template) == "auto":
+        chat = chat_wrap(model.chat_template(), meta["prompt_template"], str(model.path))
+    return PromptBuilder(vocab.encode, vocab.decode, meta["prompt_template"], meta["max_input_tokens"],
+                         chat=chat, tokenize_chat=vocab.encode_special)
+
+
+def end_tokens(model: Model, meta: dict) -> frozenset[int]:
+    """The tokens that end a caption: CapsFus-LLaMA (``capsfuse.*`` metadata) stops at EOS alone, as
+    upstream's ``generate(eos_token_id=2)`` (llama.cpp also counts its ``[PAD]`` as end-of-generation);
+    another model at every token llama.cpp says ends generation (``<|im_end|>``, ``<|endoftext|>``)."""
+    vocab = model.vocab
+    return frozenset([vocab.eos]) if meta.get("capsfuse_metadata") else vocab.eog_ids
+
+
+def model_note(model: Model, meta: dict, chat_template: str, wrapped: bool) -> str | None:
+    """One line on how a model that is not CapsFus-LLaMA (no ``capsfuse.*`` metadata) is prompted:
+    template, BOS, end tokens; None for CapsFus-LLaMA (and bench models) with its default prompt."""
+    vocab = model.vocab
+    has_template = model.chat_template() is not None
+    if meta.get("capsfuse_metadata"):
+        if chat_template == "auto" and not has_template:
+            return f"--chat-template auto: {model.path.name} has no chat template; upstream's prompt is fed as it is"
+        return None
+    if wrapped:
+        how = "as the user message of its own chat template (--chat-template auto)"
+    elif has_template:
+        how = "as plain text, without its chat template (--chat-template auto wraps it for an instruct model)"
+    else:
+        how = "as plain text (it has no chat template)"
+    ends = ", ".join(vocab.token_text(t) for t in sorted(end_tokens(model, meta))) or "none"
+    return (f"note: {model.path.name} has no capsfuse.* metadata, so it is not CapsFus-LLaMA and its captions are not "
+            f"CapsFusion's: upstream's instruction is fed {how}, {'with' if vocab.add_bos else 'without'} BOS "
+            f"(tokenizer.ggml.add_bos_token), generation stops at {ends}")
 
 
 class PromptPreview:
     """Builds prompts with a model's tokenizer only (``vocab_only`` load: no weights, no KV cache),
     for inspecting inputs before fusing."""
 
-    def __init__(self, model_path: str | os.PathLike):
+    def __init__(self, model_path: str | os.PathLike, chat_template: str = "none"):
         self._model = Model(model_path, vocab_only=True)
         try:
-            self.builder = prompt_builder(self._model, gguf_defaults(self._model.path))
+            meta = gguf_defaults(self._model.path)
+            self.builder = prompt_builder(self._model, meta, chat_template)
+            self.model_note = model_note(self._model, meta, chat_template, self.builder.chat is not None)
         except BaseException:
             self._model.close()
             raise

@@ -245,6 +245,26 @@ def _read_string(fn, *args) -> str | None:
         size = n + 1
 
 
+def apply_chat_template(template: str, messages: Sequence[tuple[str, str]], add_assistant: bool = True) -> str | None:
+    """``messages`` ((role, content) pairs) rendered by llama.cpp's ``llama_chat_apply_template``
+    with ``template`` (a GGUF's chat template: llama.cpp recognises its family, e.g. ChatML, and
+    renders that family's format; Jinja code is not run), followed by the assistant's turn opener
+    when ``add_assistant``; None when llama.cpp does not know the template."""
+    lib = _lib()
+    keep = [(role.encode("utf-8"), content.encode("utf-8")) for role, content in messages]
+    chat = (lib.llama_chat_message * max(1, len(keep)))(*(lib.llama_chat_message(role=r, content=c) for r, c in keep))
+    tmpl = template.encode("utf-8")
+    size = 2 * sum(len(c) for _, c in keep) + 1024
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = lib.llama_chat_apply_template(tmpl, chat, len(keep), add_assistant, buf, size)
+        if n < 0:
+            return None
+        if n <= size:
+            return buf.raw[:n].decode("utf-8", errors="replace")
+        size = n + 1
+
+
 class Vocab:
     """The model's tokenizer. Valid while its :class:`Model` is open."""
 
@@ -255,6 +275,26 @@ class Vocab:
         self.n_tokens = int(self._lib.llama_vocab_n_tokens(handle))
         self.bos = int(self._lib.llama_vocab_bos(handle))
         self.eos = int(self._lib.llama_vocab_eos(handle))
+        # BOS as the GGUF says (tokenizer.ggml.add_bos_token; llama.cpp's default for the tokenizer type
+        # when absent: yes for LLaMA's SentencePiece, no for GPT-2's BPE), never a BOS the vocab lacks
+        self.add_bos = bool(self._lib.llama_vocab_get_add_bos(handle)) and self.bos >= 0
+        self._eog_ids: frozenset[int] | None = None
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        """Every token that ends generation (``llama_vocab_is_eog``): EOS, and e.g. ``<|im_end|>`` or
+        ``<|endoftext|>`` of chat models; ``{eos}`` for LLaMA-2's vocabulary."""
+        if self._eog_ids is None:
+            self._model._check_open()
+            is_eog = self._lib.llama_vocab_is_eog
+            self._eog_ids = frozenset(t for t in range(self.n_tokens) if is_eog(self._handle, t))
+        return self._eog_ids
+
+    def token_text(self, token: int) -> str:
+        """The text of a token as the vocabulary stores it (e.g. ``<|im_end|>``)."""
+        self._model._check_open()
+        text = self._lib.llama_vocab_get_text(self._handle, token)
+        return text.decode("utf-8", errors="replace") if text else ""
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special`` adds BOS as the model asks, ``parse_special=False``
@@ -271,11 +311,18 @@ class Vocab:
                 raise LlamaError(f"llama_tokenize overflowed on a text of {len(data)} bytes")
             capacity = -n
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """The ids a prompt is fed as: BOS (whatever the GGUF's add_bos flag says) then the text's
-        tokens, with special-token text such as ``</s>`` kept as plain text."""
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """The ids a prompt is fed as: BOS (``add_bos=None``: as the GGUF says, :attr:`add_bos`) then
+        the text's tokens, with special-token text such as ``</s>`` kept as plain text."""
         ids = self.tokenize(text, add_special=False, parse_special=False)
-        return [self.bos] + ids if add_bos else ids
+        if add_bos is None:
+            add_bos = self.add_bos
+        return [self.bos] + ids if add_bos and self.bos >= 0 else ids
+
+    def encode_special(self, text: str) -> list[int]:
+        """Token ids of template text whose special-token text (``<|im_start|>``) is the special token;
+        no BOS."""
+        return self.tokenize(text, add_special=False, parse_special=True)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids without special tokens (not stripped)."""
@@ -332,6 +379,12 @@ class Model:
         """A scalar GGUF metadata value as a string (``llama_model_meta_val_str``), None if absent."""
         self._check_open()
         return _read_string(self._lib.llama_model_meta_val_str, self._handle, key.encode())
+
+    def chat_template(self) -> str | None:
+        """The GGUF's own chat template (``tokenizer.chat_template``), None if it has none."""
+        self._check_open()
+        text = self._lib.llama_model_chat_template(self._handle, None)
+        return text.decode("utf-8", errors="replace") if text else None
 
     @property
     def description(self) -> str:

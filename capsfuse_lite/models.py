@@ -186,6 +186,8 @@ def gguf_defaults(path: str | Path) -> dict:
         "prompt_template": template,
         "prompt_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest()[:16],
         "quant": quant,
+        "capsfuse_metadata": any(str(key).startswith("capsfuse.") for key in meta),  # made by capsfuse-lite
+        "chat_template": meta.get("tokenizer.chat_template") or None,  # the GGUF's own, for --chat-template auto
     }
 
 

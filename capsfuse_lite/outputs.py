@@ -20,8 +20,8 @@ all of (the same rule for a single file and for each shard of a dataset):
   unchanged input is not read again; outputs from before sha256 was recorded: same path and size;
   an edit that keeps the size is a change);
 - this command asks for what the meta file records: the same model file (sha256), input and output
-  format, CSV delimiter, caption and output fields, ``--limit``, ``--shard`` and ``--kv-type``
-  (f16 when not given), and ``--beams`` /
+  format, CSV delimiter, caption and output fields, ``--limit``, ``--shard``, ``--chat-template``,
+  ``--kv-type`` (f16 when not given), and ``--beams`` /
   ``--max-new-tokens`` where given (left out, they are the model's, which is the same file).
 
 ``--slots``, ``--ctx``, ``--threads`` and ``--n-gpu-layers`` are not compared: they change speed,
@@ -157,6 +157,7 @@ def finished_output(cfg: Any, *, output_format: str, input_format: str, model_sh
     for key, flag in (("beams", "--beams"), ("max_new_tokens", "--max-new-tokens")):
         if getattr(cfg, key) is not None:
             compare(flag, _get(meta, "settings", key), getattr(cfg, key))
+    compare("--chat-template", _get(meta, "settings", "chat_template") or "none", getattr(cfg, "chat_template", "none"))
 
     made_with = _get(meta, "model", "sha256")
     model = Path(cfg.model).expanduser() if cfg.model is not None else default_model_path()

@@ -22,7 +22,13 @@ The rule implemented here keeps upstream's intent without those bugs:
 4. If even the bare template does not fit, :class:`~capsfuse_lite.errors.ConfigError`.
 
 Token ids are llama.cpp's SentencePiece tokenization with BOS (equal to ``sentencepiece``'s, as the
-tests check). One deliberate difference from upstream's HF slow ``LlamaTokenizer``: text such as
+tests check); BOS as the GGUF's ``tokenizer.ggml.add_bos_token`` says (CapsFus-LLaMA: yes).
+
+Other instruct models (``--chat-template auto``): the filled template is the user message of the
+model's own chat template, ``pre + prompt + post``; ``pre`` and ``post`` (e.g. ChatML's
+``<|im_start|>user\n`` and ``<|im_end|>\n<|im_start|>assistant\n``) are tokenized with their special
+tokens, the prompt between them exactly as without a chat template (captions never become special
+tokens), and the budget counts all of it. One deliberate difference from upstream's HF slow ``LlamaTokenizer``: text such as
 ``</s>`` or ``<s>`` inside a caption stays text, where the HF tokenizer turned it into the special
 token (a web alt-text cannot end the prompt early).
 """
@@ -86,7 +92,9 @@ class PromptBuilder:
 
     ``tokenize(text)`` must return the ids *with* BOS as the model sees them; ``detokenize(ids)``
     the text of ids. The number of special tokens ``tokenize`` adds is measured once from
-    ``tokenize("")`` and removed when a caption is tokenized on its own.
+    ``tokenize("")`` and removed when a caption is tokenized on its own. ``chat``: the chat
+    template's text before and after the prompt, tokenized by ``tokenize_chat`` (special tokens
+    parsed, no BOS); the prompt's own ids stay ``tokenize``'s, after its BOS.
     """
 
     def __init__(
@@ -95,6 +103,9 @@ class PromptBuilder:
         detokenize: Callable[[list[int]], str],
         template: str = PROMPT_TEMPLATE,
         max_tokens: int = MAX_INPUT_TOKENS,
+        *,
+        chat: tuple[str, str] | None = None,
+        tokenize_chat: Callable[[str], list[int]] | None = None,
     ):
         self.tokenize = tokenize
         self.detokenize = detokenize
@@ -103,6 +114,27 @@ class PromptBuilder:
             raise ConfigError(f"max_tokens must be at least 1, got {max_tokens}")
         self.max_tokens = int(max_tokens)
         self._n_special = len(tokenize(""))
+        self.chat = chat
+        if chat is not None:
+            if tokenize_chat is None:
+                raise ValueError("a chat template's text needs tokenize_chat")
+            self._chat_ids = (tokenize_chat(chat[0]), tokenize_chat(chat[1]))
+
+    def _ids(self, text: str) -> list[int]:
+        """The model's ids for a filled template: ``tokenize(text)``, inside the chat template if any."""
+        ids = self.tokenize(text)
+        if self.chat is None:
+            return ids
+        n = self._n_special
+        return ids[:n] + self._chat_ids[0] + ids[n:] + self._chat_ids[1]
+
+    def _text(self, text: str) -> str:
+        return text if self.chat is None else self.chat[0] + text + self.chat[1]
+
+    def prefix_ids(self) -> list[int]:
+        """Ids of the instruction before the first caption (the engine evaluates them once and reuses
+        the part every prompt shares with them)."""
+        return self._ids(self.prefix_text)[: None if self.chat is None else -len(self._chat_ids[1]) or None]
 
     @property
     def prefix_text(self) -> str:
@@ -113,9 +145,9 @@ class PromptBuilder:
         """The prompt for one pair of captions."""
         raw, synthetic = raw.strip(), synthetic.strip()
         text = render(self.template, raw, synthetic)
-        ids = self.tokenize(text)
+        ids = self._ids(text)
         if len(ids) <= self.max_tokens:
-            return Prompt(text, ids, False)
+            return Prompt(self._text(text), ids, False)
         text, ids = self._shrink(raw, lambda r: render(self.template, r, synthetic), ids)
         if len(ids) > self.max_tokens:
             text, ids = self._shrink(synthetic, lambda s: render(self.template, "", s), ids)
@@ -124,7 +156,7 @@ class PromptBuilder:
                 f"the prompt template alone is {len(ids)} tokens, more than the {self.max_tokens}-token "
                 "prompt budget; use a shorter template or a larger budget"
             )
-        return Prompt(text, ids, True)
+        return Prompt(self._text(text), ids, True)
 
     def _shrink(self, caption: str, fill: Callable[[str], str], ids: list[int]) -> tuple[str, list[int]]:
         """Drop tokens from the end of ``caption`` until ``fill(caption)`` fits or it is empty."""
@@ -134,7 +166,7 @@ class PromptBuilder:
         while len(ids) > self.max_tokens and keep > 0:
             keep = max(0, keep - (len(ids) - self.max_tokens))
             text = fill(clean_decoded(self.detokenize(caption_ids[:keep])) if keep else "")
-            ids = self.tokenize(text)
+            ids = self._ids(text)
         return text, ids
 
 

@@ -215,6 +215,7 @@ class FuseConfig:
     n_ctx: int | None = None
     n_threads: int | None = None
     kv_type: str | None = None  # the engine's KV cache element type (f16 by default)
+    chat_template: str = "none"  # "auto": the prompt inside the GGUF's own chat template (defaults.CHAT_TEMPLATES)
     limit: int | None = None
     shard: tuple[int, int] | None = None
     resume: bool = False
@@ -229,6 +230,9 @@ class FuseConfig:
             if self.kv_type not in KV_TYPE_BYTES:
                 raise ConfigError(f"--kv-type {self.kv_type}: use one of {', '.join(KV_TYPE_BYTES)}")
         self.slots = parse_slots(self.slots)
+        if self.chat_template not in defaults.CHAT_TEMPLATES:
+            raise ConfigError(f"--chat-template {self.chat_template}: use none (the prompt as it is; CapsFus-LLaMA's) "
+                              "or auto (the GGUF's own chat template around it)")
         flags = {"beams": "--beams", "max_new_tokens": "--max-new-tokens", "n_ctx": "--ctx",
                  "n_threads": "--threads"}
         for name, flag in flags.items():
@@ -357,10 +361,20 @@ def settings_fingerprint(cfg: FuseConfig, meta: dict, model_sha256: str) -> dict
         "max_new_tokens": cfg.max_new_tokens if cfg.max_new_tokens is not None else meta["max_new_tokens"],
         "length_offset": meta["length_offset"],
         "max_input_tokens": meta["max_input_tokens"],
-        "prompt_template": meta["prompt_template_sha256"],
+        "prompt_template": _template_sha256(cfg, meta),
         "raw_field": cfg.raw_field,
         "synthetic_field": cfg.synthetic_field,
     }
+
+
+def _template_sha256(cfg: FuseConfig, meta: dict) -> str:
+    """The prompt template's sha256 as the model sees it (inside its chat template with
+    ``--chat-template auto``): a resume or rerun with the other choice is another prompt."""
+    if cfg.chat_template == "none":
+        return meta["prompt_template_sha256"]
+    from .engine import effective_template_sha256
+
+    return effective_template_sha256(meta, cfg.chat_template, str(cfg.model))
 
 
 def fuser_kwargs(cfg: FuseConfig, fingerprint: dict) -> dict:
@@ -369,6 +383,8 @@ def fuser_kwargs(cfg: FuseConfig, fingerprint: dict) -> dict:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs["beams"] = fingerprint["beams"]
     kwargs["max_new_tokens"] = fingerprint["max_new_tokens"]
+    if cfg.chat_template != "none":
+        kwargs["chat_template"] = cfg.chat_template
     return kwargs
 
 
@@ -617,6 +633,9 @@ class FuseRun:
             return
         self._note(f"loading {cfg.model} ...")
         self.fuser = self.fuser_factory(Path(cfg.model), **fuser_kwargs(cfg, self._fingerprint))
+        self.progress.watch(getattr(self.fuser, "live", None))
+        if getattr(self.fuser, "model_note", None):
+            self._note(self.fuser.model_note)
         reason = getattr(self.fuser, "slots_reason", None)
         if reason:
             self._note(reason)

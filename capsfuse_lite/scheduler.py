@@ -109,7 +109,7 @@ class Scheduler:
     beams: int
     max_new_tokens: int
     length_offset: int
-    eos_id: int
+    eos_id: int | frozenset[int]  # the model's end-of-generation tokens (Vocab.eog_ids)
     prefix_ids: list[int] | None  # None: prefix cache off
     host_threads: int = 1  # threads for the vectorised search of large steps
     streams: bool = False  # one KV stream per sequence (greedy), else one unified cache
@@ -126,6 +126,7 @@ class Scheduler:
                 f"{self.slots * self.beams} sequences; raise n_batch or lower slots"
             )
         self._top_k = RowTopK(self.host_threads)
+        self.active_rows: list[_Row] = []  # the rows of the running step (read by progress displays)
 
     def close(self) -> None:
         self._top_k.close()
@@ -175,6 +176,7 @@ class Scheduler:
                 self._decode()
         free_slots = deque(range(self.slots))
         active: list[_Row] = []  # admission order
+        self.active_rows = active
         waiting: tuple[int, Prompt] | None = None
         exhausted = False
         clock = time.perf_counter

@@ -145,3 +145,69 @@ def test_input_file_rows_are_repeated(tmp_path):
     src = tmp_path / "captions.jsonl"
     src.write_text('{"laion_2b": "a", "laion_coco": "b"}\n{"laion_2b": "c"}\n{"laion_2b": "d", "laion_coco": "e"}\n')
     assert repeat_to(bench.load_pairs(src), 5) == [("a", "b"), ("d", "e"), ("a", "b"), ("d", "e"), ("a", "b")]
+
+
+def _busy_report(loads: dict[str, float | None], cpus: int = 2) -> dict:
+    """A report of three configurations whose passes saw the given foreign CPU load (cores)."""
+    results = []
+    for name, load in loads.items():
+        engine = name.startswith("cpu slots")
+        results.append({"name": name, "system": ENGINE if engine else LOOP_BASELINE, "status": "ok", "device": "cpu",
+                        "slots": int(name.split("slots=")[1].split()[0]) if engine else 1, "beams": 1, "prefix_cache": True,
+                        "rows_per_s": 1.5 if engine else 1.0, "generated_tokens_per_s": 9.0, "prompt_tokens_per_s": 90.0,
+                        "time_to_first_result_s": 0.5, "peak_rss_mib": 100.0, "ratios": {},
+                        "runs": [{"foreign_cpu_load": 0.01}, {"foreign_cpu_load": load}], "foreign_cpu_load": 0.02})
+    return {"results": results, "machine": {"logical_cpus": cpus}, "model": {"path": "m.gguf", "quant": "q8_0"},
+            "settings": {"rows": 6, "max_new_tokens": 4, "n_threads": 2, "repeats": 2}}
+
+
+def test_foreign_load_marks_the_disturbed_configurations_and_warns():
+    report = _busy_report({f"cpu {LOOP_BASELINE}": 0.05, "cpu slots=1 beams=1 cache=on": 0.97, "cpu slots=2 beams=1 cache=on": None})
+    warning = bench.mark_foreign_load(report)
+    assert [r["foreign_load_disturbed"] for r in report["results"]] == [False, True, False]
+    assert warning.startswith("other processes kept up to 0.97 of 2 cores busy during 1 of 3 configurations (marked *")
+    quiet = _busy_report({f"cpu {LOOP_BASELINE}": 0.1, "cpu slots=1 beams=1 cache=on": 0.2})
+    assert bench.mark_foreign_load(quiet) is None
+    # on a 16-core host a quarter of a core is noise: the limit is 5 % of the machine there
+    assert bench.mark_foreign_load(_busy_report({"cpu slots=1 beams=1 cache=on": 0.5}, cpus=16)) is None
+    assert bench.mark_foreign_load(_busy_report({"cpu slots=1 beams=1 cache=on": 0.9}, cpus=16)) is not None
+
+
+def test_the_table_and_the_plot_mark_disturbed_figures():
+    from rich.console import Console
+
+    from capsfuse_lite.cli_bench import print_report_table
+
+    report = _busy_report({f"cpu {LOOP_BASELINE}": 1.1, "cpu slots=1 beams=1 cache=on": 0.0, "cpu slots=2 beams=1 cache=on": 0.0})
+    report["foreign_load_warning"] = bench.mark_foreign_load(report)
+    console = Console(record=True, width=300)
+    print_report_table(report, console)
+    lines = console.export_text().splitlines()
+    assert any(f"cpu {LOOP_BASELINE} *" in line for line in lines)
+    assert not any("slots=1 beams=1 cache=on *" in line for line in lines)
+    assert any("* measured while other processes kept cores busy" in line for line in lines)
+    layout = bench.plot_layout(report)
+    assert layout["baselines"] == [(f"cpu {LOOP_BASELINE}: 1.00 rows/s *", 1.0)]  # baselines labelled with their figure
+    assert list(layout["series"]) == ["cpu beams=1 cache=on"] and layout["series"]["cpu beams=1 cache=on"] == [(1, 1.5), (2, 1.5)]
+    assert layout["y_top"] >= 1.5 and "* measured while other processes" in layout["title"]
+
+
+def test_bench_command_warns_on_screen_when_other_processes_were_busy(tiny_gguf_q8, tmp_path, monkeypatch):
+    class Busy:  # the meter as on a machine where another process kept one core busy
+        foreign_load = 1.0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(bench, "CpuLoadMeter", Busy)
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["bench", "-m", str(tiny_gguf_q8), "--rows", "2", "--slots", "2", "--beams", "1",
+                                      "--max-new-tokens", "2", "--baselines", "none", "--device", "cpu", "--threads", "1",
+                                      "--warmup-rows", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "warning: other processes kept up to 1.00 of" in result.output and "cpu slots=2 beams=1 cache=on *" in result.output
+    data = json.loads(out.read_text())
+    assert data["results"][0]["foreign_load_disturbed"] is True and data["foreign_load_warning"]
