@@ -63,6 +63,10 @@ class FuserStats:
     evaluated_tokens: int = 0
     decode_calls: int = 0
     steps: int = 0  # decode steps (each advances every running row by one token or prompt chunk)
+    # micro-batches llama.cpp split the decodes into (each a full pass over the weights): all
+    # decodes, and the decode steps' alone (see capsfuse_lite.ubatch)
+    passes: int = 0
+    step_passes: int = 0
     device_s: float = 0.0  # inside llama_decode and waiting for its results (the GPU/CPU kernels)
     host_s: float = 0.0  # the engine's own work between decodes: search, KV bookkeeping, batching
     # host_s broken down: admitting rows (prompt building, tokenizing), filling the batch, top-k and
@@ -77,6 +81,11 @@ class FuserStats:
     def host_ms_per_step(self) -> float:
         """Engine time per decode step spent outside llama.cpp's kernels: on a GPU, time it waits."""
         return 1e3 * self.host_s / self.steps if self.steps else 0.0
+
+    @property
+    def passes_per_step(self) -> float:
+        """Weight passes per decode step: 1 when every step is one micro-batch."""
+        return self.step_passes / self.steps if self.steps else 0.0
 
     @property
     def device_ms_per_step(self) -> float:
@@ -101,7 +110,7 @@ def _positive(name: str, value: int | None, minimum: int = 1, optional: bool = T
     return value
 
 
-_STEP_COUNTERS = ("decode_calls", "evaluated_tokens", "steps", "device_s", "host_s", "admit_s", "batch_s", "logits_s",
+_STEP_COUNTERS = ("decode_calls", "evaluated_tokens", "passes", "step_passes", "steps", "device_s", "host_s", "admit_s", "batch_s", "logits_s",
                   "search_s", "kv_s")
 
 

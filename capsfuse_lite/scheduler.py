@@ -53,6 +53,7 @@ from .beams import BeamSearch, GreedySearch, Hypothesis, RowTopK, merge_beams
 from .errors import ConfigError
 from .llama import Batch, Context
 from .prompts import Prompt, common_prefix_length
+from .ubatch import count_passes
 
 PREFIX_SEQ = 0
 
@@ -89,6 +90,8 @@ class _Row:
 class SchedulerCounters:
     decode_calls: int = 0
     evaluated_tokens: int = 0  # tokens passed to llama_decode (prefix, prompt chunks, beams)
+    passes: int = 0  # micro-batches llama.cpp split the decodes into, each a pass over the weights
+    step_passes: int = 0  # the same, main-loop steps only (the prefix's own decodes not included)
     max_active_rows: int = 0
     steps: int = 0  # decode steps of the main loop (the prefix's own decodes not included)
     device_s: float = 0.0  # inside llama_decode + waiting for its results
@@ -208,7 +211,7 @@ class Scheduler:
             counters.admit_s += t_fill - step_start
             generating, completing, order = self._fill_batch(active)
             counters.batch_s += clock() - t_fill
-            device = self._decode()
+            device = self._decode(step=True)
             finished = self._search(generating, completing, ctx.outputs(batch.n_outputs), order)
             t_free = clock()
             for row in finished:
@@ -225,15 +228,20 @@ class Scheduler:
             if should_stop():
                 return
 
-    def _decode(self) -> float:
+    def _decode(self, step: bool = False) -> float:
         """Evaluate the batch and wait for its results; returns the seconds that took."""
+        batch, counters = self.batch, self.counters
+        passes = count_passes(batch.seq[: batch.n_tokens], self.ctx.n_ubatch, self.streams)
         started = time.perf_counter()
-        self.ctx.decode(self.batch)
+        self.ctx.decode(batch)
         self.ctx.synchronize()
         elapsed = time.perf_counter() - started
-        self.counters.device_s += elapsed
-        self.counters.decode_calls += 1
-        self.counters.evaluated_tokens += self.batch.n_tokens
+        counters.device_s += elapsed
+        counters.decode_calls += 1
+        counters.evaluated_tokens += batch.n_tokens
+        counters.passes += passes
+        if step:
+            counters.step_passes += passes
         return elapsed
 
     def _admit(self, index: int, prompt: Prompt, slot: int, need: int) -> _Row:
