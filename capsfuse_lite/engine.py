@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 from . import defaults
 from .errors import ConfigError, ModelLoadError
 from .llama import Batch, Context, LlamaError, Model, devices, set_verbose, supports_gpu_offload  # first: loads llama.cpp
-from .machine import available_memory, default_threads
+from .machine import ThreadGovernor, available_memory, default_threads
 from .models import gguf_defaults
 from .plan import ModelShape, choose_layout, kv_layout
 from .prompts import Prompt, PromptBuilder, common_prefix_length
@@ -247,6 +247,8 @@ class Fuser:
             self._scheduler = Scheduler(
                 self._ctx, self._batch, slots, beams, max_new_tokens, length_offset, model.vocab.eos, prefix_ids,
                 host_threads=default_threads(), streams=not kv_unified,
+                # threads left to the default on a CPU follow the cores other processes leave
+                governor=ThreadGovernor(self._ctx.n_threads) if n_threads is None and not on_gpu else None,
             )
         except BaseException:
             self.close()
@@ -264,6 +266,7 @@ class Fuser:
             "n_ubatch": self._ctx.n_ubatch,
             "n_seq_max": self._ctx.n_seq_max,
             "n_threads": self._ctx.n_threads,
+            "threads_follow_load": self._scheduler.governor is not None,
             "n_gpu_layers": n_gpu_layers,
             "gpu": bool(gpu and n_gpu_layers != 0),
             "flash_attn": flash_attn,

@@ -616,6 +616,13 @@ class Context:
             raise LlamaError(f"llama_decode rejected the batch of {batch.n_tokens} tokens as invalid")
         raise LlamaError(f"llama_decode failed with code {rc}")
 
+    def set_threads(self, n_threads: int) -> None:
+        """Threads llama.cpp's CPU backend uses from the next decode on (``llama_set_n_threads``)."""
+        self._check_open()
+        n = max(1, int(n_threads))
+        self._lib.llama_set_n_threads(self._handle, n, n)
+        self.n_threads = int(self._lib.llama_n_threads(self._handle))
+
     def synchronize(self) -> None:
         """Wait for the last decode to finish (``llama_decode`` may return before a GPU is done)."""
         self._check_open()

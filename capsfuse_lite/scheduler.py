@@ -52,6 +52,7 @@ import numpy as np
 from .beams import BeamSearch, GreedySearch, Hypothesis, RowTopK, merge_beams
 from .errors import ConfigError
 from .llama import Batch, Context
+from .machine import ThreadGovernor
 from .prompts import Prompt, common_prefix_length
 from .ubatch import count_passes
 
@@ -116,6 +117,7 @@ class Scheduler:
     prefix_ids: list[int] | None  # None: prefix cache off
     host_threads: int = 1  # threads for the vectorised search of large steps
     streams: bool = False  # one KV stream per sequence (greedy), else one unified cache
+    governor: ThreadGovernor | None = None  # CPU runs: llama.cpp threads follow the free cores
     counters: SchedulerCounters = field(default_factory=SchedulerCounters)
 
     def __post_init__(self) -> None:
@@ -220,6 +222,10 @@ class Scheduler:
                 active.remove(row)
                 free_slots.append(row.slot)
                 reserved -= row.reserved
+            if self.governor is not None:
+                threads = self.governor.poll()
+                if threads is not None:
+                    ctx.set_threads(threads)
             counters.kv_s += clock() - t_free
             counters.steps += 1
             counters.host_s += clock() - step_start - device
