@@ -86,3 +86,4 @@ def test_fuser_stats_count_every_weight_pass(tiny_gguf_q8, sample_rows, monkeypa
     assert stats.passes_per_step == pytest.approx(stats.step_passes / stats.steps)
     # streams: prompt chunks among generating rows add passes; unified: 64-token batches, one each
     assert stats.passes_per_step > 1 if not kv_unified else stats.passes == stats.decode_calls
+
