@@ -177,7 +177,7 @@ if step bench-beams 120; then
 fi
 if [ -n "$SMOLLM2" ] && [ -e "$SMOLLM2" ] && step smollm2 90; then
   # the real trained model: rows end at EOS (7-40 tokens), so slots refill one by one
-  timeout "$STEP_T" capsfuse-lite bench --model "$SMOLLM2" --rows $([ $GPU ] && echo 256 || echo 8) \
+  timeout "$STEP_T" capsfuse-lite bench --model "$SMOLLM2" --rows $([ $GPU ] && echo 128 || echo 8) \
     --slots $([ $GPU ] && echo 1,64 || echo 1,4) --beams 1 --baselines llama-cpp-python-loop --repeats 2 \
     --warmup-rows 8 --force -q -o "$RES/bench-smollm2.json" 2>&1 | tee -a "$RES/log.txt" || log "exit $?"
   done_ smollm2
