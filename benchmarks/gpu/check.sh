@@ -175,6 +175,26 @@ if step bench-beams 120; then
   timeout "$STEP_T" $BENCH --slots "$BEAM_SLOTS" --beams 3 -o "$RES/bench-beams.json" 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off at the deadline)"
   done_ bench-beams
 fi
+if step nbatch 60; then
+  # larger batches for prompt waves (CPU count on the tiny model: 128 slots, n_batch 2048 vs 512,
+  # 376 -> 328 passes): rows/s and passes/step side by side, same rows, greedy streams
+  NB_SLOTS=${GREEDY_SLOTS##*,}
+  timeout "$STEP_T" python - "$MODEL" "$NB_SLOTS" "$ROWS" <<'PY' 2>&1 | tee -a "$RES/log.txt" || log "exit $?"
+import sys, time
+from capsfuse_lite import Fuser
+from capsfuse_lite.bench import load_pairs, repeat_to
+model, slots, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pairs = repeat_to(load_pairs(), rows)
+for n_batch in (None, 2048, None, 2048):
+    with Fuser(model, slots=slots, beams=1, max_new_tokens=80, n_batch=n_batch) as f:
+        list(f.fuse(pairs[:slots]))  # warm-up
+        t = time.perf_counter(); n = len(list(f.fuse(pairs))); el = time.perf_counter() - t
+        s = f.stats
+        print(f"nbatch-ab slots={slots} n_batch={f.settings['n_batch']} n_ubatch={f.settings['n_ubatch']}: {n / el:.2f} rows/s, "
+              f"passes/step {s.passes_per_step:.2f}, device {s.device_ms_per_step:.1f} ms/step", flush=True)
+PY
+  done_ nbatch
+fi
 if [ -n "$SMOLLM2" ] && [ -e "$SMOLLM2" ] && step smollm2 90; then
   # the real trained model: rows end at EOS (7-40 tokens), so slots refill one by one
   timeout "$STEP_T" capsfuse-lite bench --model "$SMOLLM2" --rows $([ $GPU ] && echo 128 || echo 8) \
