@@ -260,18 +260,20 @@ def summarize(runs: list[RunFigures]) -> dict:
     }
 
 
-STEP_FIELDS = ("steps", "host_s", "device_s", "admit_s", "batch_s", "logits_s", "search_s", "kv_s")
+STEP_FIELDS = ("steps", "host_s", "device_s", "admit_s", "batch_s", "logits_s", "search_s", "kv_s", "step_passes")
+_TIME_FIELDS = STEP_FIELDS[1:-1]
 
 
 def _step_figures(runs: list[RunFigures]) -> dict:
-    """Engine passes: host and device milliseconds per decode step, and the host time's parts
-    (medians over the passes)."""
+    """Engine runs: host and device milliseconds per decode step, the host time's parts, and weight
+    passes (llama.cpp micro-batches) per step (medians over the runs)."""
     if not runs or any(not r.steps or not r.steps["steps"] for r in runs):
         return {}
     med = statistics.median
     out = {"steps": med(r.steps["steps"] for r in runs)}
-    for name in STEP_FIELDS[1:]:
+    for name in _TIME_FIELDS:
         out[f"{name[:-2]}_ms_per_step"] = med(1e3 * r.steps[name] / r.steps["steps"] for r in runs)
+    out["passes_per_step"] = med(r.steps["step_passes"] / r.steps["steps"] for r in runs)
     out["host_share"] = med(r.steps["host_s"] / (r.steps["host_s"] + r.steps["device_s"]) for r in runs)
     return out
 

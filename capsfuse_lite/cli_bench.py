@@ -179,7 +179,7 @@ def report_table(report: dict):
                               f"median of {s['repeats']}"))
     steps = any(r.get("host_ms_per_step") is not None for r in results)
     names = ["configuration", "rows/s", "gen tok/s", "prompt tok/s", "first result s", "peak RSS MiB"]
-    names += ["host ms/step", "device ms/step"] if steps else []
+    names += ["host ms/step", "device ms/step", "passes/step"] if steps else []
     names += ["GPU MiB"] if gpu else []
     names += [f"x {b}" for b in ratio_cols]
     rows = []
@@ -192,7 +192,8 @@ def report_table(report: dict):
                  _fmt(r["prompt_tokens_per_s"], ".0f"), _fmt(r["time_to_first_result_s"], ".2f"),
                  _fmt(r["peak_rss_mib"], ".0f")]
         if steps:
-            cells += [_fmt(r.get("host_ms_per_step"), ".2f"), _fmt(r.get("device_ms_per_step"), ".2f")]
+            cells += [_fmt(r.get("host_ms_per_step"), ".2f"), _fmt(r.get("device_ms_per_step"), ".2f"),
+                      _fmt(r.get("passes_per_step"), ".2f")]
         if gpu:
             cells.append(_fmt(r.get("peak_gpu_mib"), ".0f"))
         cells += [_fmt(r["ratios"].get(b), ".2f") for b in ratio_cols]

@@ -22,7 +22,7 @@ from . import defaults
 from .errors import ConfigError, ModelLoadError
 from .llama import (Batch, Context, LlamaError, Model, apply_chat_template, devices, set_verbose,  # first: loads llama.cpp
                     supports_gpu_offload)
-from .machine import available_memory, default_threads
+from .machine import ThreadGovernor, available_memory, default_threads
 from .models import gguf_defaults
 from .plan import ModelShape, choose_layout, kv_layout
 from .prompts import Prompt, PromptBuilder, common_prefix_length
@@ -64,6 +64,10 @@ class FuserStats:
     evaluated_tokens: int = 0
     decode_calls: int = 0
     steps: int = 0  # decode steps (each advances every running row by one token or prompt chunk)
+    # micro-batches llama.cpp split the decodes into (each a full pass over the weights): all
+    # decodes, and the decode steps' alone (see capsfuse_lite.ubatch)
+    passes: int = 0
+    step_passes: int = 0
     device_s: float = 0.0  # inside llama_decode and waiting for its results (the GPU/CPU kernels)
     host_s: float = 0.0  # the engine's own work between decodes: search, KV bookkeeping, batching
     # host_s broken down: admitting rows (prompt building, tokenizing), filling the batch, top-k and
@@ -78,6 +82,11 @@ class FuserStats:
     def host_ms_per_step(self) -> float:
         """Engine time per decode step spent outside llama.cpp's kernels: on a GPU, time it waits."""
         return 1e3 * self.host_s / self.steps if self.steps else 0.0
+
+    @property
+    def passes_per_step(self) -> float:
+        """Weight passes per decode step: 1 when every step is one micro-batch."""
+        return self.step_passes / self.steps if self.steps else 0.0
 
     @property
     def device_ms_per_step(self) -> float:
@@ -102,7 +111,7 @@ def _positive(name: str, value: int | None, minimum: int = 1, optional: bool = T
     return value
 
 
-_STEP_COUNTERS = ("decode_calls", "evaluated_tokens", "steps", "device_s", "host_s", "admit_s", "batch_s", "logits_s",
+_STEP_COUNTERS = ("decode_calls", "evaluated_tokens", "passes", "step_passes", "steps", "device_s", "host_s", "admit_s", "batch_s", "logits_s",
                   "search_s", "kv_s")
 
 
@@ -246,6 +255,8 @@ class Fuser:
             self._scheduler = Scheduler(
                 self._ctx, self._batch, slots, beams, max_new_tokens, length_offset, self.end_tokens, prefix_ids,
                 host_threads=default_threads(), streams=not kv_unified,
+                # threads left to the default on a CPU follow the cores other processes leave
+                governor=ThreadGovernor(self._ctx.n_threads) if n_threads is None and not on_gpu else None,
             )
         except BaseException:
             self.close()
@@ -263,6 +274,7 @@ class Fuser:
             "n_ubatch": self._ctx.n_ubatch,
             "n_seq_max": self._ctx.n_seq_max,
             "n_threads": self._ctx.n_threads,
+            "threads_follow_load": self._scheduler.governor is not None,
             "n_gpu_layers": n_gpu_layers,
             "gpu": bool(gpu and n_gpu_layers != 0),
             "flash_attn": flash_attn,

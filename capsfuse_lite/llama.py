@@ -534,8 +534,26 @@ class Batch:
         self.close()
 
 
+class _TensorHead(ctypes.Structure):
+    """The start of ggml.h's ``struct ggml_tensor`` up to its name (ggml 0.3.36's layout)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+
+# computed once per micro-batch by every LLaMA-architecture graph; its ne[1] is the ubatch's tokens
+_UBATCH_MARKER = b"attn_norm-0"
+
+
 class Context:
-    """A ``llama_context`` (one KV cache shared by up to ``n_seq_max`` sequences)."""
+    """A ``llama_context`` (one KV cache shared by up to ``n_seq_max`` sequences).
+
+    ``count_ubatches=True`` (for tests and diagnosis: it makes llama.cpp's scheduler stop at one
+    tensor of every graph) appends to ``ubatches`` the token count of every micro-batch llama.cpp
+    really computes, one entry per weight pass (see :mod:`capsfuse_lite.ubatch`).
+    """
 
     def __init__(
         self,
@@ -550,6 +568,7 @@ class Context:
         kv_type: str = "f16",
         kv_unified: bool = True,
         cpu_poll: int = 0,
+        count_ubatches: bool = False,
     ):
         self._lib = lib = _lib()
         model._check_open()
@@ -580,6 +599,23 @@ class Context:
         }[flash_attn]
         params.type_k = params.type_v = KV_TYPES[kv_type]
         params.no_perf = True
+        self.ubatches: list[int] = []
+        self._eval_callback = None
+        if count_ubatches:
+            ubatches = self.ubatches
+
+            @lib.ggml_backend_sched_eval_callback
+            def _observe(tensor, ask, _user):
+                head = ctypes.cast(tensor, ctypes.POINTER(_TensorHead)).contents
+                if head.name != _UBATCH_MARKER:
+                    return False if ask else True
+                if not ask:
+                    ubatches.append(int(head.ne[1]))
+                return True
+
+            self._eval_callback = _observe  # kept alive as long as the context
+            params.cb_eval = _observe
+            params.cb_eval_user_data = None
         handle = lib.llama_init_from_model(model._handle, params)
         if not handle:
             raise ModelLoadError(
@@ -632,6 +668,13 @@ class Context:
         if rc == -1:
             raise LlamaError(f"llama_decode rejected the batch of {batch.n_tokens} tokens as invalid")
         raise LlamaError(f"llama_decode failed with code {rc}")
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads llama.cpp's CPU backend uses from the next decode on (``llama_set_n_threads``)."""
+        self._check_open()
+        n = max(1, int(n_threads))
+        self._lib.llama_set_n_threads(self._handle, n, n)
+        self.n_threads = int(self._lib.llama_n_threads(self._handle))
 
     def synchronize(self) -> None:
         """Wait for the last decode to finish (``llama_decode`` may return before a GPU is done)."""

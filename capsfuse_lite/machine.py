@@ -166,6 +166,46 @@ def _busy_cpu_s() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(monotonic seconds, busy CPU seconds of the whole machine, this process's CPU seconds)."""
+    busy = _busy_cpu_s()
+    return None if busy is None else (time.monotonic(), busy, _own_cpu_s())
+
+
+class ThreadGovernor:
+    """llama.cpp threads for a CPU run on a shared machine, from the cores other processes leave.
+
+    llama.cpp's CPU threads meet at a barrier after every operation of a decode; when the machine
+    has fewer free cores than threads, a thread the kernel preempted holds up all the others at
+    every barrier (measured on a 2-core machine with ~1.2 cores busy elsewhere: SmolLM2 1 slot x 3
+    beams, 255 ms per decode with 2 threads, 100-113 ms with 1 at a heavier load, 25 ms quiet).
+    ``poll()``, called between decode steps, measures the other processes' load over at least
+    ``interval`` seconds and returns the thread count to use from now on (the cores they leave,
+    rounded, between 1 and ``max_threads``) when it changed, else None. ``sample`` (for tests)
+    returns (seconds, machine busy CPU seconds, own CPU seconds)."""
+
+    def __init__(self, max_threads: int, cores: int | None = None, interval: float = 2.0, sample=None):
+        self.max_threads = max(1, int(max_threads))
+        self.cores = cores or os.cpu_count() or 1
+        self.interval = interval
+        self._sample = sample or _cpu_sample
+        self._last = self._sample()
+        self.threads = self.max_threads
+
+    def poll(self) -> int | None:
+        now = self._sample()
+        if now is None or self._last is None or now[0] - self._last[0] < self.interval:
+            return None
+        wall = now[0] - self._last[0]
+        foreign = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
+        self._last = now
+        want = max(1, min(self.max_threads, int(self.cores - foreign + 0.5)))
+        if want == self.threads:
+            return None
+        self.threads = want
+        return want
+
+
 class CpuLoadMeter:
     """How many cores other processes kept busy during the block: the noise indicator."""
 

@@ -52,7 +52,9 @@ import numpy as np
 from .beams import BeamSearch, GreedySearch, Hypothesis, RowTopK, merge_beams
 from .errors import ConfigError
 from .llama import Batch, Context
+from .machine import ThreadGovernor
 from .prompts import Prompt, common_prefix_length
+from .ubatch import count_passes
 
 PREFIX_SEQ = 0
 
@@ -89,6 +91,8 @@ class _Row:
 class SchedulerCounters:
     decode_calls: int = 0
     evaluated_tokens: int = 0  # tokens passed to llama_decode (prefix, prompt chunks, beams)
+    passes: int = 0  # micro-batches llama.cpp split the decodes into, each a pass over the weights
+    step_passes: int = 0  # the same, main-loop steps only (the prefix's own decodes not included)
     max_active_rows: int = 0
     steps: int = 0  # decode steps of the main loop (the prefix's own decodes not included)
     device_s: float = 0.0  # inside llama_decode + waiting for its results
@@ -113,6 +117,7 @@ class Scheduler:
     prefix_ids: list[int] | None  # None: prefix cache off
     host_threads: int = 1  # threads for the vectorised search of large steps
     streams: bool = False  # one KV stream per sequence (greedy), else one unified cache
+    governor: ThreadGovernor | None = None  # CPU runs: llama.cpp threads follow the free cores
     counters: SchedulerCounters = field(default_factory=SchedulerCounters)
 
     def __post_init__(self) -> None:
@@ -210,7 +215,7 @@ class Scheduler:
             counters.admit_s += t_fill - step_start
             generating, completing, order = self._fill_batch(active)
             counters.batch_s += clock() - t_fill
-            device = self._decode()
+            device = self._decode(step=True)
             finished = self._search(generating, completing, ctx.outputs(batch.n_outputs), order)
             t_free = clock()
             for row in finished:
@@ -219,6 +224,10 @@ class Scheduler:
                 active.remove(row)
                 free_slots.append(row.slot)
                 reserved -= row.reserved
+            if self.governor is not None:
+                threads = self.governor.poll()
+                if threads is not None:
+                    ctx.set_threads(threads)
             counters.kv_s += clock() - t_free
             counters.steps += 1
             counters.host_s += clock() - step_start - device
@@ -227,15 +236,20 @@ class Scheduler:
             if should_stop():
                 return
 
-    def _decode(self) -> float:
+    def _decode(self, step: bool = False) -> float:
         """Evaluate the batch and wait for its results; returns the seconds that took."""
+        batch, counters = self.batch, self.counters
+        passes = count_passes(batch.seq[: batch.n_tokens], self.ctx.n_ubatch, self.streams)
         started = time.perf_counter()
-        self.ctx.decode(self.batch)
+        self.ctx.decode(batch)
         self.ctx.synchronize()
         elapsed = time.perf_counter() - started
-        self.counters.device_s += elapsed
-        self.counters.decode_calls += 1
-        self.counters.evaluated_tokens += self.batch.n_tokens
+        counters.device_s += elapsed
+        counters.decode_calls += 1
+        counters.evaluated_tokens += batch.n_tokens
+        counters.passes += passes
+        if step:
+            counters.step_passes += passes
         return elapsed
 
     def _admit(self, index: int, prompt: Prompt, slot: int, need: int) -> _Row:

@@ -51,6 +51,13 @@ def test_report_rates_are_counts_over_median_time(report, pairs):
         assert r["warmup_rows"] == 1
 
 
+def test_engine_passes_per_step_come_from_the_runs(report):
+    for r in report["results"][1:]:  # the engine's: weight passes per decode step, medians over runs
+        per_run = [run["steps"]["step_passes"] / run["steps"]["steps"] for run in r["runs"]]
+        assert r["passes_per_step"] == pytest.approx(statistics.median(per_run)) and r["passes_per_step"] >= 1
+    assert "passes_per_step" not in report["results"][0]  # the loop baseline has no steps
+
+
 def test_every_system_reads_the_same_prompts(report):
     prompt_tokens = {r["prompt_tokens"] for r in report["results"]}
     assert len(prompt_tokens) == 1, "engine and baseline must be given identical prompts"
@@ -130,7 +137,7 @@ def test_bench_command_writes_report_and_refuses_to_overwrite(tiny_gguf_q8, tmp_
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["results"]] == ["cpu slots=2 beams=1 cache=on"]
-    assert "slots=2" in result.output
+    assert "slots=2" in result.output and "passes/step" in result.output
     try:
         import matplotlib  # noqa: F401
     except ImportError:

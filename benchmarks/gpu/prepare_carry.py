@@ -8,7 +8,10 @@ collects, from this machine's package registries and pip cache:
   bindings are used, the shared libraries are replaced by a CUDA build on the GPU machine), gguf,
   diskcache, jinja2 and MarkupSafe (for several CPython versions; llama_cpp imports jinja2);
 - llama.cpp.tar.xz: llama.cpp's sources from the llama-cpp-python sdist, trimmed to what a CUDA build
-  of libllama/libggml and llama-batched-bench needs.
+  of libllama/libggml and llama-batched-bench needs (used only when ../shared/gpu-kit is missing);
+- bisect/before/capsfuse_lite: the engine as of commit 5793529, before the per-sequence-stream
+  work, for check.sh's invariance bisect (its ``convert/`` placed as ``capsfuse_lite/convert``, as
+  that version installed it).
 
     python benchmarks/gpu/prepare_carry.py            # -> gpu-carry/ (prints its size)
 """
@@ -29,6 +32,7 @@ PURE = ["gguf>=0.17,<1", "diskcache>=5.6", "jinja2>=3.1", "typing-extensions>=4.
 PLATFORM_WHEELS = ["MarkupSafe>=2.0"]
 PYTHONS = ["310", "311", "312", "313"]
 LIMIT = 64 * 1024 * 1024
+BISECT_BEFORE = "5793529"  # parent of a227d5c, which brought the KV layouts (per-sequence streams)
 # what a CUDA build of the shared libraries and llama-batched-bench reads
 KEEP = ["CMakeLists.txt", "cmake", "common", "include", "src", "vendor", "licenses", "LICENSE",
         "ggml/CMakeLists.txt", "ggml/cmake", "ggml/include", "ggml/src/CMakeLists.txt", "ggml/src/ggml-cpu",
@@ -71,6 +75,15 @@ def main(argv: list[str] | None = None) -> None:
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
         trimmed_sources(next(Path(tmp).glob("llama_cpp_python-*/")), out / "llama.cpp.tar.xz")
+    before = out / "bisect" / "before"
+    before.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", BISECT_BEFORE, "capsfuse_lite", "convert"],
+                             check=True, capture_output=True).stdout
+    with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+        Path(tmp.name).write_bytes(archive)
+        with tarfile.open(tmp.name) as tar:
+            tar.extractall(before, filter="data")
+    (before / "convert").rename(before / "capsfuse_lite" / "convert")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{out}: {size / 2**20:.1f} MiB ({'fits' if size <= LIMIT else 'OVER'} the 64 MiB carry limit)")
     if size > LIMIT:
