@@ -60,10 +60,10 @@ def test_fuser_live_counts_rows_in_flight_and_their_tokens_before_any_row_finish
         samples, finished = [], []
         decode = fuser._scheduler._decode
 
-        def watched_decode():
+        def watched_decode(**kwargs):
             if not finished:
                 samples.append(fuser.live())
-            return decode()
+            return decode(**kwargs)
 
         fuser._scheduler._decode = watched_decode
         for result in fuser.fuse(PAIRS, ordered=False):
