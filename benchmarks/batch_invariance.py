@@ -40,7 +40,7 @@ def sample_pairs(rows: int) -> list[tuple[str, str]]:
 
 
 def fuse_all(model: Path, pairs, *, slots: int, beams: int, max_new_tokens: int, threads: int) -> list:
-    from capsfuse_lite.engine import Fuser
+    from capsfuse_lite.engine.fuser import Fuser
 
     with Fuser(model, slots=slots, beams=beams, max_new_tokens=max_new_tokens, n_threads=threads) as fuser:
         return list(fuser.fuse(pairs))
@@ -59,7 +59,7 @@ class Reference:
     def __init__(self, model: Path, threads: int):
         import llama_cpp
 
-        from capsfuse_lite.engine import PromptPreview
+        from capsfuse_lite.engine.fuser import PromptPreview
 
         self.preview = PromptPreview(model)
         self.llm = llama_cpp.Llama(str(model), n_ctx=1024, n_batch=512, n_threads=threads, logits_all=True,
@@ -104,8 +104,8 @@ def batch_noise(model: Path, pairs, *, width: int = 8, steps: int = 32, threads:
     moves a row's logits, and how large the top-2 margins are along the way."""
     import numpy as np
 
-    from capsfuse_lite.engine import PromptPreview
-    from capsfuse_lite.llama import Batch, Context, Model
+    from capsfuse_lite.engine.fuser import PromptPreview
+    from capsfuse_lite.engine.llama import Batch, Context, Model
 
     preview = PromptPreview(model)
     prompts = [preview.build(*pair).token_ids for pair in pairs[:width]]

@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from capsfuse_lite import llama  # noqa: E402,F401  (llama.cpp before numpy)
+from capsfuse_lite.engine import llama  # noqa: E402,F401  (llama.cpp before numpy)
 from capsfuse_lite.machine import _busy_cpu_s, machine_info  # noqa: E402
 
 
@@ -129,8 +129,8 @@ def settings(args) -> dict:
 
 
 def plain_pass(args, data: Path, out: Path) -> dict:
-    from capsfuse_lite.dataset import DatasetConfig, DatasetRun
-    from capsfuse_lite.runner import default_fuser_factory
+    from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun
+    from capsfuse_lite.run.single import default_fuser_factory
 
     loaded = {}
 
@@ -151,8 +151,8 @@ def plain_pass(args, data: Path, out: Path) -> dict:
 
 
 def ray_pass(args, data: Path, out: Path, workers: int) -> dict:
-    from capsfuse_lite.cluster import RayDatasetRun, RayOptions
-    from capsfuse_lite.dataset import DatasetConfig
+    from capsfuse_lite.run.cluster import RayDatasetRun, RayOptions
+    from capsfuse_lite.run.dataset import DatasetConfig
 
     run = RayDatasetRun(DatasetConfig(input=data, output=out, model=args.model, **settings(args)),
                         RayOptions(workers=workers, cpus_per_worker=1))

@@ -3,7 +3,7 @@
 Runs the sample captions (default: all 47) through :class:`capsfuse_lite.Fuser` greedy and with 3
 beams for the full token budget (default 80, upstream's) and fails unless every row generated
 exactly that many tokens; then greedy-decodes ``--probe-rows`` rows step by step and reports how
-far EOS stayed below the 2 x beams best tokens (:func:`capsfuse_lite.benchmodel.probe_eos`).
+far EOS stayed below the 2 x beams best tokens (:func:`capsfuse_lite.bench.model.probe_eos`).
 
     python benchmarks/check_bench_model.py MODEL.gguf [--rows 47] [--max-new-tokens 80] [--beams 1,3]
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from capsfuse_lite import Fuser
-    from capsfuse_lite.bench import sample_captions_path
-    from capsfuse_lite.benchmodel import probe_eos
+    from capsfuse_lite.bench.measure import sample_captions_path
+    from capsfuse_lite.bench.model import probe_eos
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)

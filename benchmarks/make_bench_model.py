@@ -1,6 +1,6 @@
 """Build the benchmark models: random-weight LLaMA GGUFs, and optionally the same weights for transformers.
 
-A thin wrapper over :func:`capsfuse_lite.benchmodel.write_bench_model` (the same as
+A thin wrapper over :func:`capsfuse_lite.bench.model.write_bench_model` (the same as
 ``capsfuse-lite bench-model``) that names the files after shape and type in one folder:
 
     python benchmarks/make_bench_model.py                           # OUT/capsfus-llama-cpu768-q8_0.gguf
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 def build(out: Path, shape: str = "cpu768", out_type: str = "q8_0", *, seed: int = 0, force: bool = False,
           hf_checkpoint: bool = False) -> tuple[Path, Path | None]:
     """The GGUF (and HF checkpoint folder) under ``out``; reused when present unless ``force``."""
-    from capsfuse_lite.benchmodel import write_bench_model
+    from capsfuse_lite.bench.model import write_bench_model
 
     gguf = out / f"capsfus-llama-{shape}-{out_type}.gguf"
     if force or not gguf.is_file():
@@ -46,7 +46,7 @@ def build(out: Path, shape: str = "cpu768", out_type: str = "q8_0", *, seed: int
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    from capsfuse_lite.benchmodel import OUT_TYPES, PRESETS
+    from capsfuse_lite.bench.model import OUT_TYPES, PRESETS
     from capsfuse_lite.errors import CapsfuseError
     from capsfuse_lite.models import cache_dir
 

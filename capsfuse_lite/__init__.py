@@ -4,11 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import CapsfuseError
+from capsfuse_lite.errors import CapsfuseError
 
 __all__ = ["CapsfuseError", "Fuser", "FuseResult", "FuserStats", "__version__"]
 
-_LAZY = {"Fuser": "engine", "FuseResult": "engine", "FuserStats": "engine"}
+_LAZY = {"Fuser": "engine.fuser", "FuseResult": "engine.fuser", "FuserStats": "engine.fuser"}
 
 
 class _SourceTreeConvert:

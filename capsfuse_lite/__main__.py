@@ -1,3 +1,3 @@
-from .cli import main
+from capsfuse_lite.cli import main
 
 main()

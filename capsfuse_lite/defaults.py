@@ -6,6 +6,8 @@ defaults (falling back to the constants here for GGUFs made by other tools).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 DEFAULT_HUB_REPO = "BAAI/CapsFus-LLaMA"
 
 # Byte for byte what upstream builds (CapsFusion's inference script); {raw} is the stripped
@@ -48,3 +50,6 @@ KEY_SOURCE_SHA256 = "capsfuse.source_sha256"  # JSON object: file name -> sha256
 KEY_CONVERTER_VERSION = "capsfuse.converter_version"
 # Written by `capsfuse-lite bench-model` only: true when the weights are random (benchmark models).
 KEY_RANDOM_WEIGHTS = "capsfuse.random_weights"
+
+# Files shipped inside the package (sample captions, the LLaMA vocabulary for bench-model).
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import defaults
-from .errors import ConfigError, HubError, ModelLoadError
+from capsfuse_lite import defaults
+from capsfuse_lite.errors import ConfigError, HubError, ModelLoadError
 
 DEFAULT_QUANT = "q4_k_m"
 DEFAULT_MODEL_FILE = f"CapsFus-LLaMA-{DEFAULT_QUANT}.gguf"
@@ -87,7 +87,7 @@ def resolve_model(
         if not confirm(question):
             raise ConfigError(f"no model: {_convert_hint(target)}")
     if convert is None:
-        from .convert import convert_checkpoint as convert
+        from capsfuse_lite.convert import convert_checkpoint as convert
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         return Path(convert(defaults.DEFAULT_HUB_REPO, target, out_type=DEFAULT_QUANT))
@@ -102,7 +102,7 @@ def check_gguf(path: Path) -> None:
     """Raise ModelLoadError unless ``path`` is a complete GGUF of a LLaMA model (header only: no
     weights are read). Catches files that are not GGUF, truncated copies (tensor data past the end of
     the file) and other architectures (a GGUF relabelled or converted from another family)."""
-    from .convert.gguf_metadata import read_gguf_layout
+    from capsfuse_lite.convert.gguf_metadata import read_gguf_layout
 
     try:
         with open(path, "rb") as f:
@@ -156,7 +156,7 @@ def file_sha256(path: str | Path, *, use_cache: bool = True) -> str:
 def gguf_defaults(path: str | Path) -> dict:
     """Decoding defaults a GGUF carries (``capsfuse.*``), falling back to :mod:`defaults`, plus its
     architecture, trained context length and quant type; read from the header only (no weights loaded)."""
-    from .convert.gguf_metadata import read_gguf_metadata
+    from capsfuse_lite.convert.gguf_metadata import read_gguf_metadata
 
     meta = read_gguf_metadata(path)
 

@@ -8,8 +8,8 @@ Installed as ``capsfuse_lite.convert``. Public API:
 
 from __future__ import annotations
 
-# llama.cpp's libraries (the quantizer) load before numpy: see capsfuse_lite.llama
-from capsfuse_lite import llama as _native_first  # noqa: F401,I001
+# llama.cpp's libraries (the quantizer) load before numpy: see capsfuse_lite.engine.llama
+from capsfuse_lite.engine import llama as _native_first  # noqa: F401,I001
 
 from .gguf_metadata import GGUFArray, read_gguf_metadata
 from .llama import OUT_TYPES

@@ -1,4 +1,4 @@
-"""A stand-in for capsfuse_lite.engine.Fuser, for unit tests of the runner's own logic.
+"""A stand-in for capsfuse_lite.engine.fuser.Fuser, for unit tests of the runner's own logic.
 
 It honours the Fuser interface (constructor keywords, settings, model_info, fuse(pairs,
 ordered=False) consuming lazily with a bounded look-ahead, request_stop, close) and completes
@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from capsfuse_lite.progress import Progress
+from capsfuse_lite.run.progress import Progress
 
 
 @dataclass

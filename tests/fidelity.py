@@ -14,7 +14,7 @@ Traces
     reference's beam order), the ``TOP_K`` best next tokens and their log-probabilities
     (``log_softmax`` of the logits; greedy: one beam). ``TOP_K = 2N + 1`` for N = 3 beams is all a
     beam-search step can look at: the 2N best candidates over all beams plus the next one. A trace
-    can be replayed through :class:`capsfuse_lite.beams.BeamSearch` / ``GreedySearch`` (their
+    can be replayed through :class:`capsfuse_lite.engine.search.BeamSearch` / ``GreedySearch`` (their
     public constructor and ``step``/``result``) by rebuilding logits whose ``log_softmax`` gives
     exactly the stored values for the stored tokens and spreads the remaining probability mass
     evenly over other columns (each then below every stored token, so no search decision
@@ -217,7 +217,7 @@ class _Columns:
 
 
 def new_search(beams: int, max_new_tokens: int, length_offset: int = 0, eos: int = EOS):
-    from capsfuse_lite.beams import BeamSearch, GreedySearch
+    from capsfuse_lite.engine.search import BeamSearch, GreedySearch
 
     if beams == 1:
         return GreedySearch(eos, max_new_tokens)
@@ -273,7 +273,7 @@ def fragile_step(trace: list, beams: int, max_new_tokens: int, length_offset: in
     which ``ours[:k]`` is not among the reference's running beams count: until both searches
     diverge their beams are the same, and ours was a running beam at every step before it
     finished, so the searches diverged at step ``k`` at the latest."""
-    from capsfuse_lite.beams import top_candidates
+    from capsfuse_lite.engine.search import top_candidates
 
     cols = _Columns(trace)
     limit = None

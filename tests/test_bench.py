@@ -13,9 +13,9 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-from capsfuse_lite import bench
-from capsfuse_lite.baselines import HF_BASELINE, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline
-from capsfuse_lite.bench import ENGINE, BenchOptions, recommend_slots, repeat_to, run_bench, summarize
+from capsfuse_lite.bench import measure as bench
+from capsfuse_lite.bench.baselines import HF_BASELINE, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline
+from capsfuse_lite.bench.measure import ENGINE, BenchOptions, recommend_slots, repeat_to, run_bench, summarize
 from capsfuse_lite.cli import app
 from capsfuse_lite.errors import ConfigError
 
@@ -183,7 +183,7 @@ def test_foreign_load_marks_the_disturbed_configurations_and_warns():
 def test_the_table_and_the_plot_mark_disturbed_figures():
     from rich.console import Console
 
-    from capsfuse_lite.cli_bench import print_report_table
+    from capsfuse_lite.cli.bench import print_report_table
 
     report = _busy_report({f"cpu {LOOP_BASELINE}": 1.1, "cpu slots=1 beams=1 cache=on": 0.0, "cpu slots=2 beams=1 cache=on": 0.0})
     report["foreign_load_warning"] = bench.mark_foreign_load(report)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from capsfuse_lite import benchmodel as bm
+from capsfuse_lite.bench import model as bm
 from capsfuse_lite import defaults as D
 from capsfuse_lite.cli import app
 from capsfuse_lite.convert.gguf_metadata import GGUFArray, read_gguf_metadata, read_gguf_tensors
@@ -146,7 +146,7 @@ def test_q8_0_and_f16_types_equal_the_converters(tiny, tiny_gguf_q8, tiny_gguf_f
 def test_tokenizer_equals_the_converters(tiny, tiny_gguf_q8, pairs):
     """Same vocabulary arrays, special ids and flags as `convert` writes for CapsFus-LLaMA, and the
     same prompt token ids for all 47 sample rows (llama.cpp's tokenizer on both files)."""
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     ours = read_gguf_metadata(tiny["q4_k_m"], load_arrays=True)
     converted = read_gguf_metadata(tiny_gguf_q8, load_arrays=True)
@@ -181,7 +181,7 @@ def test_capsfuse_metadata_says_random_and_keeps_the_converters_defaults(tiny, t
 
 @pytest.mark.parametrize("out_type", TYPES)
 def test_info_and_llama_cpp_report_the_type(tiny, out_type):
-    from capsfuse_lite.llama import Model
+    from capsfuse_lite.engine.llama import Model
 
     result = CliRunner().invoke(app, ["info", str(tiny[out_type]), "--json"])
     assert result.exit_code == 0, result.output
@@ -229,7 +229,7 @@ def test_hf_checkpoint_from_a_bench_model_is_the_same_model(tiny, tmp_path, pair
     tensor name moves them by units), with CapsFus-LLaMA's tokenizer files."""
     from transformers import AutoTokenizer
 
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
     from checkpoints import checkpoint_from_gguf
     from test_convert_parity import hf_logits, llama_cpp_logits, load_hf, max_abs_diff
 
@@ -302,7 +302,7 @@ def test_cli_writes_a_custom_shape_and_reports_errors_in_one_line(tmp_path):
 def _peak_rss_of_writing(tmp_path: Path, shape: dict, out_type: str, name: str) -> tuple[int, int]:
     code = (
         "import sys, resource\n"
-        "from capsfuse_lite import benchmodel as bm\n"
+        "from capsfuse_lite.bench import model as bm\n"
         "bm.CHUNK_BYTES, bm.WRITE_BYTES = 1 << 20, 4 << 20\n"
         f"bm.write_bench_model({str(tmp_path / name)!r}, bm.BenchShape(**{shape!r}), {out_type!r})\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"

@@ -141,7 +141,7 @@ def _unloadable_gguf(model: Path, out: Path) -> Path:
 def files(tmp_path_factory, tiny_gguf_f32, sample_rows) -> Files:
     from fake_fuser import FakeFactory
 
-    from capsfuse_lite.runner import FuseConfig, run_fuse
+    from capsfuse_lite.run.single import FuseConfig, run_fuse
 
     d = tmp_path_factory.mktemp("messages")
     good = d / "in.jsonl"
@@ -313,7 +313,7 @@ def test_offline_hub_hints_name_what_each_command_has(command, files, tmp_path):
 # -- plain text: brackets are data, not markup ----------------------------------------------------
 
 def test_error_lines_print_brackets_as_they_are(capsys):
-    from capsfuse_lite.cli_common import error_line
+    from capsfuse_lite.cli.common import error_line
 
     error_line("Parquet files need pyarrow: pip install 'capsfuse-lite[parquet]' [bold]x[/]")
     assert capsys.readouterr().err == "error: Parquet files need pyarrow: pip install 'capsfuse-lite[parquet]' [bold]x[/]\n"
@@ -324,9 +324,9 @@ def test_notes_summary_and_bench_table_print_brackets_as_they_are(tmp_path):
 
     from rich.console import Console
 
-    from capsfuse_lite.cli_bench import report_table
-    from capsfuse_lite.progress import RichProgress, print_summary
-    from capsfuse_lite.runner import RunSummary
+    from capsfuse_lite.cli.bench import report_table
+    from capsfuse_lite.run.progress import RichProgress, print_summary
+    from capsfuse_lite.run.single import RunSummary
 
     console = Console(file=io.StringIO(), width=300)
     RichProgress(console).note("loading shard[red].gguf ...")
@@ -401,7 +401,7 @@ def test_progress_lines_label_the_elapsed_time():
 
     from rich.console import Console
 
-    from capsfuse_lite.progress import LogProgress, RichProgress
+    from capsfuse_lite.run.progress import LogProgress, RichProgress
 
     log = LogProgress(io.StringIO(), interval=0.0)
     log.start(10)
@@ -428,7 +428,7 @@ def test_the_bench_table_never_cuts_a_figure(terminal):
 
     from rich.console import Console
 
-    from capsfuse_lite.cli_bench import print_report_table
+    from capsfuse_lite.cli.bench import print_report_table
 
     figures = {"rows_per_s": 123.456, "generated_tokens_per_s": 9876.54, "prompt_tokens_per_s": 54321.0,
                "time_to_first_result_s": 12.345, "peak_rss_mib": 4321.0, "host_ms_per_step": 1.234,

@@ -1,4 +1,4 @@
-"""Dataset mode on one machine (capsfuse_lite.dataset): shards found and written at their relative
+"""Dataset mode on one machine (capsfuse_lite.run.dataset): shards found and written at their relative
 paths, one engine stream across shards, skip-if-done, resume, failures that cost one shard, and a
 thousand shards in bounded memory. The runner logic uses the fake engine; the CLI cases and the
 kill -9 case use the tiny real model (--slots 1 where outputs of different schedules are compared:
@@ -25,12 +25,12 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from capsfuse_lite.cli import app
-from capsfuse_lite.dataset import DatasetConfig, DatasetRun, find_shards, output_name
+from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun, find_shards, output_name
 from capsfuse_lite.errors import ConfigError, InputFileError
-from capsfuse_lite.journal import journal_path
-from capsfuse_lite.progress import LogProgress, print_summary
-from capsfuse_lite.records import Layout, detect_format, open_writer, read_all
-from capsfuse_lite.runner import FuseConfig, FuseRun, meta_path, run_fuse
+from capsfuse_lite.run.journal import journal_path
+from capsfuse_lite.run.progress import LogProgress, print_summary
+from capsfuse_lite.formats.records import Layout, detect_format, open_writer, read_all
+from capsfuse_lite.run.single import FuseConfig, FuseRun, meta_path, run_fuse
 
 MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"  # a real GGUF header (fake engine)
 FAST = ("--max-new-tokens", "8", "--threads", "1", "--beams", "1")
@@ -222,7 +222,7 @@ def test_finished_shards_are_skipped_and_other_outputs_are_not_overwritten(tmp_p
     run, summary = run_dataset(data, out, FakeFactory(fail=True))
     reasons = dict(summary.failed)
     assert set(reasons) == {"s1.jsonl", "s2.jsonl", "s3.jsonl"} and summary.shards_skipped == 1
-    # the single-file rule and its messages (capsfuse_lite.outputs.finished_output)
+    # the single-file rule and its messages (capsfuse_lite.run.outputs.finished_output)
     assert "changed since capsfuse-lite wrote it" in reasons["s1.jsonl"] and "--force" in reasons["s1.jsonl"]
     assert "made from other input data than" in reasons["s2.jsonl"]
     assert "(s3.jsonl.meta.json is missing)" in reasons["s3.jsonl"]

@@ -15,12 +15,12 @@ import pytest
 from fake_fuser import FakeFactory
 from typer.testing import CliRunner
 
-from capsfuse_lite import runner as runner_module
+from capsfuse_lite.run import single as runner_module
 from capsfuse_lite.cli import app
 from capsfuse_lite.errors import OutputExistsError
-from capsfuse_lite.journal import journal_path
-from capsfuse_lite.records import read_all
-from capsfuse_lite.runner import FuseConfig, FuseRun, meta_path, run_fuse
+from capsfuse_lite.run.journal import journal_path
+from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.run.single import FuseConfig, FuseRun, meta_path, run_fuse
 
 MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"
 
@@ -175,8 +175,8 @@ def test_a_run_killed_while_publishing_is_finished_by_the_same_command(done, mon
     between any two steps, rerunning the command gives the new output with a meta file describing it,
     and then "already complete" with no journal left (issue 16: meta written before the output was
     renamed; a journal left beside a finished output made every rerun point at --resume forever)."""
-    from capsfuse_lite import journal as journal_module
-    from capsfuse_lite import runner as runner_mod
+    from capsfuse_lite.run import journal as journal_module
+    from capsfuse_lite.run import single as runner_mod
 
     src, out = done
     real_replace, real_remove = runner_mod.replace_atomically, journal_module.Journal.remove
@@ -235,7 +235,7 @@ def test_a_resume_without_a_journal_does_not_overwrite_a_finished_output(done, m
 # -- the summary of an interrupted run counts what was done (issue 11) ------------------------------
 
 def test_an_interrupted_summary_says_how_many_rows_are_done_not_how_many_were_selected(tmp_path, sample_rows):
-    from capsfuse_lite.progress import summary_rows
+    from capsfuse_lite.run.progress import summary_rows
 
     src = tmp_path / "in.json"
     src.write_text(json.dumps(sample_rows), encoding="utf-8")
@@ -295,7 +295,7 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, sample_rows)
 # -- one rule for "complete", in a single-file run and for each shard of a dataset (issue 16) -------
 
 def _dataset(data: Path, out: Path, factory=None, **kw):
-    from capsfuse_lite.dataset import DatasetConfig, DatasetRun
+    from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun
 
     run = DatasetRun(DatasetConfig(input=data, output=out, model=MODEL, slots=2, **kw),
                      fuser_factory=factory or FakeFactory())
@@ -405,7 +405,7 @@ def _same_counts(progress, summary, meta=None) -> None:
 def test_the_bar_the_summary_and_the_meta_file_show_the_same_counts(tmp_path, sample_rows):
     from fake_fuser import NoteRecorder
 
-    from capsfuse_lite.progress import summary_rows
+    from capsfuse_lite.run.progress import summary_rows
 
     rows = _rows_with_bad_ones(sample_rows, 40)
     src, out = tmp_path / "in.json", tmp_path / "out.jsonl"
@@ -441,7 +441,7 @@ def test_a_dataset_summary_counts_what_its_bar_counted(tmp_path, sample_rows):
     not: "4/9 rows" in the bar, 3 in the summary); its rerun's counts add up to the shards' meta files."""
     from fake_fuser import NoteRecorder
 
-    from capsfuse_lite.dataset import DatasetConfig, DatasetRun
+    from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun
 
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()

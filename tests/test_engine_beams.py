@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from capsfuse_lite.beams import BeamSearch, GreedySearch, log_softmax, top_candidates
+from capsfuse_lite.engine.search import BeamSearch, GreedySearch, log_softmax, top_candidates
 
 EOS = 2
 VOCAB = 6  # tokens 0, 1, 3, 4, 5 are words; 2 is EOS

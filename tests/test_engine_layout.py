@@ -1,4 +1,4 @@
-"""KV layouts and the engine's time accounting (capsfuse_lite.plan, scheduler, FuserStats).
+"""KV layouts and the engine's time accounting (capsfuse_lite.engine.plan, scheduler, FuserStats).
 
 Per-sequence KV streams (the GPU default for greedy) keep each row's attention to its own cells, so
 with llama.cpp's non-flash attention kernels a row's logits do not depend on which rows share its
@@ -62,7 +62,7 @@ def test_host_and_device_time_add_up(tiny_gguf_q8, pairs):
 
 def _recorded_batches(monkeypatch, gguf, pairs, **kw):
     """The sequence id of every token of every llama_decode call of a run."""
-    from capsfuse_lite.llama import Context
+    from capsfuse_lite.engine.llama import Context
 
     calls: list[list[int]] = []
     decode = Context.decode

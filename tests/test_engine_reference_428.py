@@ -58,7 +58,7 @@ def ggufs(tiny_gguf_f32, tiny_llama_dir, tmp_path_factory) -> dict:
 
 def test_fixture_belongs_to_this_checkpoint_builder_and_prompt_builder(ref, tiny_llama_dir, tmp_path_factory,
                                                                        tiny_gguf_f32, sample_rows):
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     folders = {"base": tiny_llama_dir, "eos": eos_variant(tiny_llama_dir, tmp_path_factory.getbasetemp())[0]}
     for name, folder in folders.items():

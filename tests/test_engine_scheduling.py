@@ -18,7 +18,7 @@ from test_engine_parity import EXACT, fuse_all, hf_references, logprob_noise, pa
 
 from capsfuse_lite import Fuser, defaults
 from capsfuse_lite.errors import ConfigError, ModelLoadError
-from capsfuse_lite.llama import supports_gpu_offload
+from capsfuse_lite.engine.llama import supports_gpu_offload
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def pairs(sample_rows):
 
 @pytest.fixture(scope="module")
 def prompt_ids(eos_gguf, pairs):
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     with PromptPreview(eos_gguf) as preview:
         return [preview.build(*p).token_ids for p in pairs]

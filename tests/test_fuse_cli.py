@@ -28,9 +28,9 @@ from typer.testing import CliRunner
 from capsfuse_lite import models
 from capsfuse_lite.cli import app
 from capsfuse_lite.errors import HubError
-from capsfuse_lite.journal import journal_path
-from capsfuse_lite.records import Layout, open_writer, read_all
-from capsfuse_lite.runner import meta_path
+from capsfuse_lite.run.journal import journal_path
+from capsfuse_lite.formats.records import Layout, open_writer, read_all
+from capsfuse_lite.run.single import meta_path
 
 
 TOKENS = "8"  # --max-new-tokens: short captions keep the suite fast

@@ -10,9 +10,9 @@ import sys
 import pytest
 from disk_faults import FullDisk
 
-from capsfuse_lite import journal as journal_module
+from capsfuse_lite.run import journal as journal_module
 from capsfuse_lite.errors import ConfigError, DiskSpaceError
-from capsfuse_lite.journal import Journal, fingerprint_diff, journal_path
+from capsfuse_lite.run.journal import Journal, fingerprint_diff, journal_path
 
 FP = {"model_sha256": "abc", "beams": 3, "max_new_tokens": 80}
 
@@ -134,7 +134,7 @@ def test_discard_happens_only_under_the_lock(tmp_path):
 
 HOLD = """
 import sys, time
-from capsfuse_lite.journal import Journal
+from capsfuse_lite.run.journal import Journal
 j = Journal.open(sys.argv[1], {fp!r}, total_rows=10)
 j.record(1, bytes(16), {{"text": "from the crashed run"}})
 j.flush()

@@ -47,7 +47,7 @@ def load_order_after(body: str) -> dict:
 
 @pytest.mark.parametrize("body", [
     "from capsfuse_lite import Fuser",
-    "import capsfuse_lite.engine",
+    "import capsfuse_lite.engine.fuser",
     "import capsfuse_lite.convert",
     "from capsfuse_lite.cli import native_first; native_first(); import pyarrow.parquet",
 ])
@@ -83,9 +83,9 @@ def test_a_private_libstdcxx_is_detected_and_refused_when_numpy_came_first(tmp_p
     other order it is loaded with one warning naming the fix."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler to build the fake library")
-    from capsfuse_lite import llama
+    from capsfuse_lite.engine import llama
     from capsfuse_lite.errors import ModelLoadError
-    from capsfuse_lite.native import libstdcxx_hazard
+    from capsfuse_lite.engine.native import libstdcxx_hazard
 
     assert libstdcxx_hazard() is None  # the installed build links the system libstdc++
     (tmp_path / "plain.c").write_text("int ggml_something(void) { return 1; }\n")

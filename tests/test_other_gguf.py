@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from capsfuse_lite import defaults
 from capsfuse_lite.cli import app
-from capsfuse_lite.prompts import render
+from capsfuse_lite.engine.prompts import render
 from gpt2_gguf import write_gpt2_gguf
 
 PRE, POST = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
@@ -42,7 +42,7 @@ def pairs(sample_rows, n=8):
 
 
 def test_prompt_ids_follow_the_ggufs_add_bos_token(chat_gguf, bos_gguf, sample_rows):
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     for (path, tok), bos in ((chat_gguf, []), (bos_gguf, [IM_START])):
         with PromptPreview(path) as preview:
@@ -53,7 +53,7 @@ def test_prompt_ids_follow_the_ggufs_add_bos_token(chat_gguf, bos_gguf, sample_r
 
 
 def test_chat_template_auto_makes_the_instruction_the_user_message(chat_gguf, sample_rows):
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     path, tok = chat_gguf
     with PromptPreview(path, "auto") as preview:
@@ -69,7 +69,7 @@ def test_chat_template_auto_makes_the_instruction_the_user_message(chat_gguf, sa
 
 
 def test_the_256_token_rule_counts_the_chat_template(chat_gguf, sample_rows):
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     path, tok = chat_gguf
     long_raw = " ".join(r["laion_2b"] for r in sample_rows[:20])
@@ -147,7 +147,7 @@ def test_fuse_says_in_one_line_that_the_model_is_not_capsfus_llama(chat_gguf, sa
 
 def test_a_journal_made_with_one_chat_template_choice_does_not_resume_the_other(chat_gguf, bos_gguf, tmp_path):
     from capsfuse_lite.models import gguf_defaults
-    from capsfuse_lite.runner import FuseConfig, settings_fingerprint
+    from capsfuse_lite.run.single import FuseConfig, settings_fingerprint
 
     for (path, _), differs in ((chat_gguf, True), (bos_gguf, False)):  # bos.gguf has no chat template
         meta = gguf_defaults(path)

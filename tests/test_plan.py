@@ -1,12 +1,12 @@
-"""KV sizing and --slots auto (capsfuse_lite.plan) on LLaMA-2-13B's shape with made-up devices."""
+"""KV sizing and --slots auto (capsfuse_lite.engine.plan) on LLaMA-2-13B's shape with made-up devices."""
 
 from __future__ import annotations
 
 import pytest
 
-from capsfuse_lite import plan
+from capsfuse_lite.engine import plan
 from capsfuse_lite.errors import ConfigError
-from capsfuse_lite.plan import GIB, KVLayout, ModelShape, choose_slots, kv_layout, remember_knee, remembered_knee
+from capsfuse_lite.engine.plan import GIB, KVLayout, ModelShape, choose_slots, kv_layout, remember_knee, remembered_knee
 
 LLAMA_13B = ModelShape(n_layer=40, n_embd=5120, n_head=40, n_head_kv=40, head_dim_k=128, head_dim_v=128,
                        n_ff=13824, n_vocab=32001, n_ctx_train=4096, file_bytes=int(7.33 * GIB), quant="q4_k_m")

@@ -9,7 +9,7 @@ import time
 
 from rich.console import Console
 
-from capsfuse_lite.progress import LogProgress, Progress, RichProgress
+from capsfuse_lite.run.progress import LogProgress, Progress, RichProgress
 
 PAIRS = [("VW T-ROC alloy wheel production vehicle teaser", "The wheel on the Volkswagen SUV is shown."),
          ("Red barn at dusk, Vermont", "a red barn in a field"),
@@ -80,7 +80,7 @@ def test_fuser_live_counts_rows_in_flight_and_their_tokens_before_any_row_finish
 def test_fuse_runs_show_the_engine_live_figures_until_the_first_row(tiny_gguf_q8, tmp_path):
     import json
 
-    from capsfuse_lite.runner import FuseConfig, run_fuse
+    from capsfuse_lite.run.single import FuseConfig, run_fuse
 
     class FirstRow(Progress):
         seen: list[str] = []

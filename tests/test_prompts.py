@@ -11,7 +11,7 @@ import pytest
 
 from capsfuse_lite import defaults
 from capsfuse_lite.errors import ConfigError, OutputExistsError
-from capsfuse_lite.prompts import PromptBuilder, common_prefix_length, render, validate_template
+from capsfuse_lite.engine.prompts import PromptBuilder, common_prefix_length, render, validate_template
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VOCAB_GGUF = FIXTURES / "ggml-vocab-llama-spm.gguf"
@@ -53,7 +53,7 @@ def sp(sp_model_path):
 @pytest.fixture(scope="module")
 def preview():
     """llama.cpp's tokenizer from the real LLaMA vocab GGUF (no capsfuse metadata: defaults)."""
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     with PromptPreview(VOCAB_GGUF) as p:
         yield p
@@ -200,7 +200,7 @@ def gguf_with_metadata(src: Path, dst: Path, values: dict) -> Path:
 
 
 def test_template_and_budget_come_from_gguf_metadata(sp, tmp_path):
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     template = "Merge these.\nA: {raw}\nB: {synthetic}\nMerged:"
     path = gguf_with_metadata(
@@ -216,7 +216,7 @@ def test_template_and_budget_come_from_gguf_metadata(sp, tmp_path):
 
 
 def test_broken_template_in_gguf_is_refused(tmp_path):
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     path = gguf_with_metadata(VOCAB_GGUF, tmp_path / "bad.gguf", {defaults.KEY_PROMPT_TEMPLATE: "no placeholders"})
     with pytest.raises(ConfigError, match="placeholders"):

@@ -1,4 +1,4 @@
-"""Dataset mode on Ray (capsfuse_lite.cluster), on a local Ray cluster this module starts once (2 CPUs):
+"""Dataset mode on Ray (capsfuse_lite.run.cluster), on a local Ray cluster this module starts once (2 CPUs):
 two workers of one CPU and one llama.cpp thread each, the tiny model, tiny shards.
 
 The single-process reference is a dataset run without Ray on the same shards. Outputs are compared
@@ -24,12 +24,12 @@ from fake_fuser import FakeFactory, NoteRecorder
 from typer.testing import CliRunner
 
 from capsfuse_lite.cli import app
-from capsfuse_lite import cluster as cluster_module
-from capsfuse_lite.cluster import RayDatasetRun, RayOptions, WorkerEngine
-from capsfuse_lite.dataset import DatasetConfig, DatasetRun
+from capsfuse_lite.run import cluster as cluster_module
+from capsfuse_lite.run.cluster import RayDatasetRun, RayOptions, WorkerEngine
+from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun
 from capsfuse_lite.errors import ConfigError, DiskSpaceError
-from capsfuse_lite.records import read_all
-from capsfuse_lite.runner import meta_path
+from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.run.single import meta_path
 
 SETTINGS = dict(max_new_tokens=8, n_threads=1, beams=1, slots=1)
 FLAGS = ("--max-new-tokens", "8", "--threads", "1", "--beams", "1", "--slots", "1")

@@ -20,9 +20,9 @@ from fake_fuser import FakeFuser, fake_caption
 from typer.testing import CliRunner
 from markers import needs_pyarrow
 
-from capsfuse_lite import records
+from capsfuse_lite.formats import records
 from capsfuse_lite.errors import ConfigError, InputFileError
-from capsfuse_lite.records import (Layout, detect_compression, detect_format, open_reader, open_writer,
+from capsfuse_lite.formats.records import (Layout, detect_compression, detect_format, open_reader, open_writer,
                                    parse_csv_delimiter, read_all)
 
 try:  # the `parquet` extra; without it only the Parquet cases skip (see markers.py)
@@ -271,7 +271,7 @@ def test_parquet_holds_one_batch_not_the_file(tmp_path, monkeypatch):
 
 _PEAK_CHILD = """
 import json, sys
-from capsfuse_lite.records import read_all
+from capsfuse_lite.formats.records import read_all
 from capsfuse_lite.errors import InputFileError
 
 def hwm_kib():
@@ -433,7 +433,7 @@ def test_semicolon_csv_round_trips_with_its_delimiter(tmp_path):
 
 
 def test_merge_keeps_the_delimiter_of_semicolon_parts(tmp_path):
-    from capsfuse_lite.shards import merge_shards
+    from capsfuse_lite.run.merge import merge_shards
 
     for i, rows in enumerate((["a0", "a2"], ["a1"])):
         part = tmp_path / f"p{i}.csv"
@@ -585,7 +585,7 @@ MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"  # a re
 
 @pytest.fixture
 def fuse_cli(tmp_path, monkeypatch):
-    from capsfuse_lite import engine
+    from capsfuse_lite.engine import fuser as engine
     from capsfuse_lite.cli import app
 
     monkeypatch.setenv("CAPSFUSE_LITE_CACHE", str(tmp_path / "cache"))
@@ -662,7 +662,7 @@ def _jsonl_parts(tmp_path, parts: list[list[dict]], specs=None) -> list[Path]:
 def test_merge_into_parquet_unites_a_column_null_in_one_part_and_numbers_in_another(tmp_path):
     """Issue 16: JSONL parts whose column `n` is null in one part and int in the other have the same
     column names; the merged Parquet file's column holds both (no ArrowTypeError)."""
-    from capsfuse_lite.shards import merge_shards
+    from capsfuse_lite.run.merge import merge_shards
 
     parts = _jsonl_parts(tmp_path, [[{"t": "a", "n": None}, {"t": "c", "n": None}], [{"t": "b", "n": 7}]])
     assert merge_shards(parts, tmp_path / "all.parquet") == 3

@@ -12,11 +12,11 @@ from markers import needs_pyarrow
 from rich.console import Console
 
 from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError
-from capsfuse_lite.journal import journal_path
-from capsfuse_lite.progress import LogProgress, print_summary
-from capsfuse_lite.records import read_all
-from capsfuse_lite.runner import FuseConfig, FuseRun, meta_path, parse_shard, run_fuse
-from capsfuse_lite.shards import merge_shards
+from capsfuse_lite.run.journal import journal_path
+from capsfuse_lite.run.progress import LogProgress, print_summary
+from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.run.single import FuseConfig, FuseRun, meta_path, parse_shard, run_fuse
+from capsfuse_lite.run.merge import merge_shards
 
 MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"  # a real GGUF header
 
@@ -316,7 +316,7 @@ def test_a_failed_model_load_does_not_block_the_corrected_model(tmp_path, rows):
 
 
 def test_force_is_refused_while_another_run_holds_the_journal(tmp_path, rows):
-    from capsfuse_lite.journal import Journal
+    from capsfuse_lite.run.journal import Journal
 
     run = interrupted(tmp_path, rows, 5)
     cfg = run.config

@@ -17,14 +17,14 @@ from disk_faults import FullDisk, resize, tmpfs
 from fake_fuser import FakeFactory, fake_caption
 from typer.testing import CliRunner
 
-from capsfuse_lite import journal as journal_module
-from capsfuse_lite import records as records_module
-from capsfuse_lite import runner as runner_module
+from capsfuse_lite.run import journal as journal_module
+from capsfuse_lite.formats import records as records_module
+from capsfuse_lite.run import single as runner_module
 from capsfuse_lite.cli import app
 from capsfuse_lite.errors import DiskSpaceError, OutputWriteError
-from capsfuse_lite.journal import journal_path
-from capsfuse_lite.records import read_all
-from capsfuse_lite.runner import FuseConfig, FuseRun, partial_path, run_fuse
+from capsfuse_lite.run.journal import journal_path
+from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.run.single import FuseConfig, FuseRun, partial_path, run_fuse
 
 MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"  # a real GGUF header
 

@@ -19,7 +19,7 @@ from capsfuse_lite.cli import app
 from capsfuse_lite.convert.gguf_metadata import read_gguf_layout
 from capsfuse_lite.convert.info import describe_gguf
 from capsfuse_lite.errors import ModelLoadError
-from capsfuse_lite.journal import journal_path
+from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.models import check_gguf
 
 VOCAB_GGUF = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"
@@ -101,7 +101,7 @@ def test_max_new_tokens_beyond_the_trained_context_is_refused_before_any_work(tm
 
 LIFETIMES = """
 import sys
-from capsfuse_lite.llama import Batch, Context, LlamaError, Model
+from capsfuse_lite.engine.llama import Batch, Context, LlamaError, Model
 
 model = Model(sys.argv[1])
 ctx = Context(model, n_ctx=64, n_threads=1)

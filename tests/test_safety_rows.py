@@ -17,10 +17,10 @@ from markers import needs_pyarrow
 from typer.testing import CliRunner
 
 from capsfuse_lite.cli import app
-from capsfuse_lite.journal import journal_path
-from capsfuse_lite.progress import Progress
-from capsfuse_lite.records import read_all
-from capsfuse_lite.runner import FuseConfig, FuseRun, run_fuse
+from capsfuse_lite.run.journal import journal_path
+from capsfuse_lite.run.progress import Progress
+from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.run.single import FuseConfig, FuseRun, run_fuse
 
 SYNTHETIC = "a photo of a red bicycle leaning against a wall"
 # Caption text -> what must happen to a row carrying it: "ok" (fused) or the start of the skip reason.
@@ -148,6 +148,6 @@ def test_prompts_skips_the_rows_fuse_skips(tmp_path, tiny_gguf_q8):
 
 
 def test_the_pair_key_is_defined_for_any_text():
-    from capsfuse_lite.runner import pair_key
+    from capsfuse_lite.run.single import pair_key
 
     assert pair_key(" \ud800 ", "x") == pair_key("\ud800", "x") != pair_key("\udfff", "x")

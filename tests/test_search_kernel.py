@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capsfuse_lite.beams import BeamSearch, RowTopK, merge_beams, row_top_k, top_candidates
+from capsfuse_lite.engine.search import BeamSearch, RowTopK, merge_beams, row_top_k, top_candidates
 
 VOCAB = 32001  # CapsFus-LLaMA's vocabulary: 500 classes of 64 plus one tail column
 

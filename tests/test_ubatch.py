@@ -1,4 +1,4 @@
-"""Weight passes (llama.cpp micro-batches) per decode: capsfuse_lite.ubatch replays llama.cpp's split
+"""Weight passes (llama.cpp micro-batches) per decode: capsfuse_lite.engine.ubatch replays llama.cpp's split
 rules, checked here against the ubatches llama.cpp really computes (Context(count_ubatches=True)
 observes one tensor of every computed graph) on hand-made and random batch layouts, and the
 engine's FuserStats.passes against the ubatches of a whole fuse() run."""
@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from capsfuse_lite import engine
-from capsfuse_lite.llama import Batch, Context, Model
-from capsfuse_lite.ubatch import count_passes, split_equal_sequential
+from capsfuse_lite.engine import fuser as engine
+from capsfuse_lite.engine.llama import Batch, Context, Model
+from capsfuse_lite.engine.ubatch import count_passes, split_equal_sequential
 
 N_SEQ = 8
 N_UBATCH = 16

@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from capsfuse_lite.engine import prompt_builder  # first: loads llama.cpp before numpy
-from capsfuse_lite.bench import load_pairs
-from capsfuse_lite.llama import Batch, Context, Model
+from capsfuse_lite.engine.fuser import prompt_builder  # first: loads llama.cpp before numpy
+from capsfuse_lite.bench.measure import load_pairs
+from capsfuse_lite.engine.llama import Batch, Context, Model
 from capsfuse_lite.models import gguf_defaults
 
 import numpy as np  # noqa: E402

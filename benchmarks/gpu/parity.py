@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from capsfuse_lite import Fuser  # first: loads llama.cpp before numpy
-from capsfuse_lite.bench import load_pairs
+from capsfuse_lite.bench.measure import load_pairs
 
 
 def run(model: Path, slots: int, beams: int, pairs: list, max_new: int) -> list[list[int]]:
@@ -32,8 +32,8 @@ def reference_margins(model_path: Path, pairs: list, rows: dict[int, tuple[list[
     """Top-1 minus top-2 logit of the one-slot continuation at each differing row's first difference."""
     import numpy as np
 
-    from capsfuse_lite.engine import prompt_builder
-    from capsfuse_lite.llama import Batch, Context, Model
+    from capsfuse_lite.engine.fuser import prompt_builder
+    from capsfuse_lite.engine.llama import Batch, Context, Model
     from capsfuse_lite.models import gguf_defaults
 
     margins = {}

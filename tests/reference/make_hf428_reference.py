@@ -85,7 +85,7 @@ def build(python428: str, out: Path) -> None:
 
     from capsfuse_lite import defaults
     from capsfuse_lite.convert import convert_checkpoint
-    from capsfuse_lite.engine import PromptPreview
+    from capsfuse_lite.engine.fuser import PromptPreview
 
     rows = json.loads((TESTS / "fixtures" / "capsfusion_sample.json").read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:

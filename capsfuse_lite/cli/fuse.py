@@ -9,11 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import defaults
-from .cli_common import (HELP_CHAT_TEMPLATE, HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_OUTPUT_FORMAT, HELP_QUIET, HELP_RAW_FIELD,
+from capsfuse_lite import defaults
+from capsfuse_lite.cli.common import (HELP_CHAT_TEMPLATE, HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_OUTPUT_FORMAT, HELP_QUIET, HELP_RAW_FIELD,
                          HELP_SYNTHETIC_FIELD, HELP_VERBOSE, help_threads)
-from .plan import DEFAULT_KNEE
-from .records import csv_delimiter_name, parse_csv_delimiter
+from capsfuse_lite.engine.plan import DEFAULT_KNEE
+from capsfuse_lite.formats.records import csv_delimiter_name, parse_csv_delimiter
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process killed by SIGTERM
@@ -87,8 +87,8 @@ class _StopOnSignal:
 
 
 def _default_model_help() -> str:
-    from .cli_common import help_path
-    from .models import default_model_path
+    from capsfuse_lite.cli.common import help_path
+    from capsfuse_lite.models import default_model_path
 
     return (f"GGUF file made by `capsfuse-lite convert`. Default: CapsFus-LLaMA q4_k_m at "
             f"{help_path(default_model_path())}, converted from the Hugging Face hub on first use, after asking "
@@ -147,14 +147,14 @@ def fuse(
     continues where it stopped. Exit codes: 0 done (also when OUTPUT was already complete),
     2 a problem with the input or options, 130 Ctrl-C, 143 SIGTERM (journal saved), 1 a bug.
     """
-    from .cli_common import native_first, user_errors, verbose_llama
+    from capsfuse_lite.cli.common import native_first, user_errors, verbose_llama
 
     native_first()
     verbose_llama(verbose)
-    from .dataset import is_dataset
-    from .models import resolve_model, terminal_confirm
-    from .progress import make_progress
-    from .runner import FuseConfig, FuseRun, parse_shard, parse_slots
+    from capsfuse_lite.run.dataset import is_dataset
+    from capsfuse_lite.models import resolve_model, terminal_confirm
+    from capsfuse_lite.run.progress import make_progress
+    from capsfuse_lite.run.single import FuseConfig, FuseRun, parse_shard, parse_slots
 
     with user_errors():
         options = _given_options(ctx)
@@ -166,7 +166,7 @@ def fuse(
                 chat_template=chat_template, limit=limit, shard=parse_shard(shard) if shard else None, resume=resume, force=force)
             ray_options = None
             if ray or ray_address:
-                from .cluster import RayOptions
+                from capsfuse_lite.run.cluster import RayOptions
 
                 ray_options = RayOptions(address=ray_address, workers=ray_workers, cpus_per_worker=ray_cpus_per_worker)
             _fuse_dataset(inputs, output, settings, model, yes, quiet, ray_options, options, verbose)
@@ -203,7 +203,7 @@ def _execute(run, progress, how_to_resume: str):
             progress.close()
             typer.echo(f"aborted; {how_to_resume}", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
-    from .progress import print_summary
+    from capsfuse_lite.run.progress import print_summary
 
     print_summary(summary)
     return summary, stopper
@@ -217,16 +217,16 @@ def _interrupted(stopper: _StopOnSignal, how_to_resume: str) -> None:
 def _fuse_dataset(inputs: list[Path], output: Path, settings: dict, model: Optional[Path], yes: bool, quiet: bool,
                   ray_options, options: list[str], verbose: bool = False) -> None:
     """`fuse` over a dataset (a folder, glob or several files), on this machine or on Ray."""
-    from .dataset import DatasetConfig, DatasetRun
-    from .models import resolve_model, terminal_confirm
-    from .progress import make_progress
+    from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun
+    from capsfuse_lite.models import resolve_model, terminal_confirm
+    from capsfuse_lite.run.progress import make_progress
 
     cfg = DatasetConfig(input=inputs[0], inputs=list(inputs), output=output, **settings)
     progress = make_progress(quiet)
     if ray_options is None:
         run = DatasetRun(cfg, progress=progress)
     else:
-        from .cluster import RayDatasetRun
+        from capsfuse_lite.run.cluster import RayDatasetRun
 
         run = RayDatasetRun(cfg, ray_options, progress=progress)
     run.verbose = verbose  # a shard that fails on a bug: its traceback
@@ -239,7 +239,7 @@ def _fuse_dataset(inputs: list[Path], output: Path, settings: dict, model: Optio
                      + cfg.command)
     summary, stopper = _execute(run, progress, how_to_resume)
     if summary.failed:
-        from .cli_common import error_line
+        from capsfuse_lite.cli.common import error_line
 
         error_line(f"{len(summary.failed)} of {summary.shards_total} shards failed (the others are "
                    f"{'complete' if not summary.shards_left else 'complete or saved'}); fix them and rerun the same command:")
@@ -264,8 +264,8 @@ def merge(
     Refused, with nothing written, unless the parts are provably all shards of one run, each
     complete and unchanged since fuse wrote it.
     """
-    from .cli_common import user_errors
-    from .shards import merge_shards
+    from capsfuse_lite.cli.common import user_errors
+    from capsfuse_lite.run.merge import merge_shards
 
     with user_errors():
         rows = merge_shards(parts, output, output_format=output_format, force=force, csv_delimiter=csv_delimiter)

@@ -57,8 +57,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import MODEL_TENSOR
 
-from . import defaults as D
-from .errors import ConfigError, ModelLoadError
+from capsfuse_lite import defaults as D
+from capsfuse_lite.errors import ConfigError, ModelLoadError
 
 VOCAB_FILE = "ggml-vocab-llama-spm.gguf"
 PAD_TOKEN = "[PAD]"  # CapsFus-LLaMA's added token: id 32000, a CONTROL token
@@ -215,7 +215,7 @@ class BenchTensor:
 
 
 def _llama_config(bench: BenchShape, vocab_size: int):
-    from .convert.source import LlamaConfig
+    from capsfuse_lite.convert.source import LlamaConfig
 
     return LlamaConfig(
         hidden_size=bench.hidden, intermediate_size=bench.ffn, n_layers=bench.layers, n_heads=bench.heads,
@@ -241,7 +241,7 @@ def _weight_std(name: str, shape: tuple[int, ...], bench: BenchShape) -> float:
 
 def plan_bench_tensors(bench: BenchShape, out_type: str, vocab_size: int) -> list[BenchTensor]:
     """Every tensor of the GGUF in file order: token_embd, the layers, output_norm, output."""
-    from .convert.llama import expected_shapes
+    from capsfuse_lite.convert.llama import expected_shapes
 
     shapes = expected_shapes(_llama_config(bench, vocab_size))
     tail = [gguf.TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight", gguf.TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"]
@@ -385,7 +385,7 @@ def tensor_chunks(tensor: BenchTensor, rng: np.random.Generator, zero_rows: tupl
 
 def vocab_path() -> Path:
     """LLaMA-2's vocabulary GGUF shipped with capsfuse-lite (see data/NOTICE)."""
-    path = Path(__file__).resolve().parent / "data" / VOCAB_FILE
+    path = D.PACKAGE_DATA / VOCAB_FILE
     if not path.is_file():
         raise ModelLoadError(f"{path}: the LLaMA vocabulary is missing from this installation; reinstall capsfuse-lite")
     return path
@@ -395,9 +395,9 @@ def bench_vocab():
     """CapsFus-LLaMA's vocabulary as ``capsfuse-lite convert`` builds it: LLaMA-2's 32000
     SentencePiece pieces, scores and types, then ``[PAD]`` = 32000 (CONTROL, score -1000, the
     padding id); BOS 1, EOS 2, UNK 0; add BOS, not EOS; a space prefix."""
-    from .convert.gguf_metadata import read_gguf_metadata
-    from .convert.spm import CONTROL
-    from .convert.vocab import ADDED_TOKEN_SCORE, Vocab
+    from capsfuse_lite.convert.gguf_metadata import read_gguf_metadata
+    from capsfuse_lite.convert.spm import CONTROL
+    from capsfuse_lite.convert.vocab import ADDED_TOKEN_SCORE, Vocab
 
     meta = read_gguf_metadata(vocab_path(), load_arrays=True)
     tokens = list(meta["tokenizer.ggml.tokens"])
@@ -418,8 +418,8 @@ def model_name(bench: BenchShape) -> str:
 
 
 def _writer(bench: BenchShape, out_type: str, seed: int, vocab, tensors: list[BenchTensor]) -> gguf.GGUFWriter:
-    from .convert.llama import ARCH_NAME, add_model_metadata, add_vocab_metadata
-    from .convert.pipeline import CONVERTER_VERSION, add_capsfuse_defaults
+    from capsfuse_lite.convert.llama import ARCH_NAME, add_model_metadata, add_vocab_metadata
+    from capsfuse_lite.convert.pipeline import CONVERTER_VERSION, add_capsfuse_defaults
 
     writer = gguf.GGUFWriter(None, ARCH_NAME)
     writer.add_name(model_name(bench))
@@ -450,9 +450,9 @@ def write_bench_model(path: str | os.PathLike, shape: str | BenchShape = "13b", 
     when complete (temp file, fsync, rename); an existing file is refused unless ``force``.
     ``progress``: a bar on stderr (None: when stderr is a terminal), else log lines.
     """
-    from .convert.progress import ConvertProgress, human_bytes
-    from .convert.writer import check_free_space, check_output_path, remove_quietly, temp_path
-    from .outputs import check_output_folder, make_output_folder
+    from capsfuse_lite.convert.progress import ConvertProgress, human_bytes
+    from capsfuse_lite.convert.writer import check_free_space, check_output_path, remove_quietly, temp_path
+    from capsfuse_lite.run.outputs import check_output_folder, make_output_folder
 
     bench = bench_shape(shape)
     out_type = check_out_type(out_type)
@@ -557,9 +557,9 @@ def probe_eos(model_path: str | os.PathLike, pairs: list[tuple[str, str]], steps
               n_threads: int | None = None, n_gpu_layers: int = 0) -> EosProbe:
     """Greedy-decode each (raw, synthetic) pair for ``steps`` tokens and record how far EOS stays
     below the ``top`` best tokens (``top`` = 2 x beams covers beam search's candidates)."""
-    from .engine import prompt_builder
-    from .llama import Batch, Context, Model
-    from .models import gguf_defaults
+    from capsfuse_lite.engine.fuser import prompt_builder
+    from capsfuse_lite.engine.llama import Batch, Context, Model
+    from capsfuse_lite.models import gguf_defaults
 
     probe = EosProbe()
     chosen: set[int] = set()

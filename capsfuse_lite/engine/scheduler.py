@@ -3,7 +3,7 @@
 Sequence ids: with the prefix cache on, sequence 0 holds the instruction prefix (evaluated once);
 slot ``s`` owns the ``beams`` sequence ids ``base + s*beams ... base + s*beams + beams - 1``. The KV
 cache is unified (one cache shared by all sequences; beam search) or made of one stream per
-sequence (greedy; see :mod:`capsfuse_lite.plan`).
+sequence (greedy; see :mod:`capsfuse_lite.engine.plan`).
 
 Every ``llama_decode`` packs, in this order:
 
@@ -30,8 +30,8 @@ in the same step.
 
 After a decode, the whole step is searched at once: one (outputs, vocab) logits view, the argmax of
 every row (greedy) or every beam's top ``2 x beams`` tokens and log-normaliser in a few vectorised
-passes (:class:`~capsfuse_lite.beams.RowTopK`, on worker threads for large steps), candidates merged
-per row (:func:`~capsfuse_lite.beams.merge_beams`); only the small per-row bookkeeping (finished
+passes (:class:`~capsfuse_lite.engine.search.RowTopK`, on worker threads for large steps), candidates merged
+per row (:func:`~capsfuse_lite.engine.search.merge_beams`); only the small per-row bookkeeping (finished
 hypotheses, stop rules) is Python. Beam forks copy KV membership only from the position where the
 two beams' histories diverge.
 
@@ -49,12 +49,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .beams import BeamSearch, GreedySearch, Hypothesis, RowTopK, merge_beams
-from .errors import ConfigError
-from .llama import Batch, Context
-from .machine import ThreadGovernor
-from .prompts import Prompt, common_prefix_length
-from .ubatch import count_passes
+from capsfuse_lite.engine.search import BeamSearch, GreedySearch, Hypothesis, RowTopK, merge_beams
+from capsfuse_lite.errors import ConfigError
+from capsfuse_lite.engine.llama import Batch, Context
+from capsfuse_lite.machine import ThreadGovernor
+from capsfuse_lite.engine.prompts import Prompt, common_prefix_length
+from capsfuse_lite.engine.ubatch import count_passes
 
 PREFIX_SEQ = 0
 

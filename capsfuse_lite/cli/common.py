@@ -1,4 +1,4 @@
-"""What every ``cli_*`` command module shares: plain-text output, the error mapping, help wording
+"""What every command module of :mod:`capsfuse_lite.cli` shares: plain-text output, the error mapping, help wording
 and the help layout. Kept apart from :mod:`capsfuse_lite.cli` (which builds the app and imports the
 command modules) so that a command module can be imported on its own.
 
@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import typer
 import typer.core
 
-from .errors import CapsfuseError
+from capsfuse_lite.errors import CapsfuseError
 
 # Help shared by several commands (one wording per option everywhere).
 HELP_CSV_DELIMITER = "CSV field separator: one character, or tab, comma, semicolon, pipe.  [default: comma]"
@@ -42,7 +42,7 @@ def help_path(path) -> str:
 
 
 def help_threads() -> str:
-    from .machine import default_threads
+    from capsfuse_lite.machine import default_threads
 
     return f"[default: {default_threads()}, the cores this process may use]"
 
@@ -72,7 +72,7 @@ def error_line(message: str) -> None:
 def verbose_llama(verbose: bool) -> None:
     """``--verbose``: show llama.cpp's own log lines (model loading, devices, errors' context)."""
     if verbose:
-        from .llama import set_verbose
+        from capsfuse_lite.engine.llama import set_verbose
 
         set_verbose(True)
 
@@ -89,9 +89,9 @@ def user_errors() -> Iterator[None]:
 
 def native_first() -> None:
     """Load llama.cpp's shared libraries before anything imports numpy or pyarrow (a CUDA build with a
-    private libstdc++ crashes otherwise; see capsfuse_lite.llama). Commands that may load a model call
+    private libstdc++ crashes otherwise; see capsfuse_lite.engine.llama). Commands that may load a model call
     this first; --help and the other commands stay light."""
-    from . import llama  # noqa: F401
+    from capsfuse_lite.engine import llama  # noqa: F401
 
 
 class HelpCommand(typer.core.TyperCommand):

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from . import __version__, defaults
-from .baselines import HF_BASELINE, HF_BATCH_SIZE, HF_NUM_BEAMS, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline, Pair, RowFigures
-from .errors import CapsfuseError, ConfigError, InputFileError
-from .machine import CpuLoadMeter, PeakMemory, default_threads, machine_info
+from capsfuse_lite import __version__, defaults
+from capsfuse_lite.bench.baselines import HF_BASELINE, HF_BATCH_SIZE, HF_NUM_BEAMS, LOOP_BASELINE, HFUpstreamBaseline, LlamaLoopBaseline, Pair, RowFigures
+from capsfuse_lite.errors import CapsfuseError, ConfigError, InputFileError
+from capsfuse_lite.machine import CpuLoadMeter, PeakMemory, default_threads, machine_info
 
 ENGINE = "capsfuse-lite"
 GPU_ALL_LAYERS = -1  # "all layers" for both the engine and llama_cpp.Llama
@@ -111,7 +111,7 @@ SAMPLE_FILE = "capsfusion_sample.json"
 
 def sample_captions_path() -> Path:
     """The 47 upstream sample rows (CapsFusion's example_data.json), shipped as package data."""
-    path = Path(__file__).resolve().parent / "data" / SAMPLE_FILE
+    path = defaults.PACKAGE_DATA / SAMPLE_FILE
     if not path.is_file():
         raise ConfigError(f"{path}: the sample captions are missing from this installation; pass --input FILE")
     return path
@@ -134,7 +134,7 @@ def load_pairs(path: str | Path | None = None, *, limit: int | None = None, csv_
 
     Rows without both caption fields are skipped; ``limit`` stops reading early.
     """
-    from .records import open_reader
+    from capsfuse_lite.formats.records import open_reader
 
     path = Path(path) if path is not None else sample_captions_path()
     raw_f, syn_f = defaults.RAW_FIELD, defaults.SYNTHETIC_FIELD
@@ -151,7 +151,7 @@ def load_pairs(path: str | Path | None = None, *, limit: int | None = None, csv_
 
 
 class FuserRunner:
-    """The engine under test, in the runner shape of :mod:`capsfuse_lite.baselines`."""
+    """The engine under test, in the runner shape of :mod:`capsfuse_lite.bench.baselines`."""
 
     def __init__(self, model: Path, spec: ConfigSpec, *, max_new_tokens: int, n_threads: int) -> None:
         self.model, self.spec = model, spec
@@ -159,7 +159,7 @@ class FuserRunner:
         self._fuser = None
 
     def load(self) -> None:
-        from .engine import Fuser
+        from capsfuse_lite.engine.fuser import Fuser
 
         self._fuser = Fuser(
             self.model,
@@ -380,13 +380,13 @@ def resolve_max_new_tokens(model: Path, requested: int | None) -> int:
         if requested < 1:
             raise ConfigError(f"--max-new-tokens {requested}: give at least 1")
         return requested
-    from .models import gguf_defaults
+    from capsfuse_lite.models import gguf_defaults
 
     return gguf_defaults(model)["max_new_tokens"]
 
 
 def _model_info(model: Path) -> dict:
-    from .models import gguf_defaults
+    from capsfuse_lite.models import gguf_defaults
 
     return {"path": str(model), "size_bytes": model.stat().st_size, "quant": gguf_defaults(model)["quant"]}
 
@@ -472,7 +472,7 @@ def _device_names(kinds: list[str]) -> dict:
     if "cpu" in kinds:
         names["cpu"] = "CPU"
     if "gpu" in kinds:
-        from .engine import _gpu_memory
+        from capsfuse_lite.engine.fuser import _gpu_memory
 
         gpu = _gpu_memory()
         if gpu:
@@ -481,7 +481,7 @@ def _device_names(kinds: list[str]) -> dict:
 
 
 def write_report(report: dict, path: str | Path) -> Path:
-    from .runner import write_json_atomic
+    from capsfuse_lite.run.single import write_json_atomic
 
     path = Path(path)
     write_json_atomic(path, report)
@@ -490,8 +490,8 @@ def write_report(report: dict, path: str | Path) -> Path:
 
 def remember_recommendations(report: dict) -> list[Path]:
     """Store each recommended slot count as this device's throughput knee for the model's shape, so
-    that ``--slots auto`` uses it (see :mod:`capsfuse_lite.plan`)."""
-    from .plan import ModelShape, remember_knee
+    that ``--slots auto`` uses it (see :mod:`capsfuse_lite.engine.plan`)."""
+    from capsfuse_lite.engine.plan import ModelShape, remember_knee
 
     shape = ModelShape.from_gguf(report["model"]["path"])
     stored = []
@@ -511,7 +511,7 @@ def plot_report_subprocess(report_path: str | Path, png: str | Path) -> Path | N
     import subprocess
     import sys
 
-    code = ("import json, sys; from capsfuse_lite.bench import plot_report; "
+    code = ("import json, sys; from capsfuse_lite.bench.measure import plot_report; "
             "r = plot_report(json.load(open(sys.argv[1])), sys.argv[2]); sys.exit(0 if r else 3)")
     try:
         done = subprocess.run([sys.executable, "-c", code, str(report_path), str(png)], capture_output=True, timeout=300)

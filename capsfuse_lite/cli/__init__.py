@@ -1,12 +1,12 @@
 """The `capsfuse-lite` command line: a thin typer layer over the library.
 
-Each command lives in a ``cli_*.py`` module next to this one and only builds a config, calls the
+Each command lives in a module of this package and only builds a config, calls the
 library and maps errors. :func:`user_errors` turns :class:`CapsfuseError` into one line on
 stderr and exit code 2. Command modules must not import llama_cpp, torch or pyarrow at import
 time, so that ``--help`` stays fast.
 
 What the commands share (plain-text output, :func:`user_errors`, help wording and layout) is in
-:mod:`capsfuse_lite.cli_common`; every line a user reads is plain text, never rich markup.
+:mod:`capsfuse_lite.cli.common`; every line a user reads is plain text, never rich markup.
 
 Exit codes (README "Exit codes"): 0 done (also "already done"), 2 a problem with the input or
 settings (:class:`CapsfuseError`, or a usage error from the parser), 130 interrupted by Ctrl-C,
@@ -23,8 +23,8 @@ import traceback
 import typer
 import typer.core
 
-from . import __version__
-from .cli_common import HelpCommand, error_line, native_first, plain, user_errors  # noqa: F401 (used by commands)
+from capsfuse_lite import __version__
+from capsfuse_lite.cli.common import HelpCommand, error_line, native_first, plain, user_errors  # noqa: F401 (used by commands)
 
 app = typer.Typer(
     name="capsfuse-lite",
@@ -55,7 +55,7 @@ def _root(
 def _register() -> None:
     import importlib
 
-    for name in ("cli_convert", "cli_prompts", "cli_fuse", "cli_bench", "cli_benchmodel"):
+    for name in ("convert", "prompts", "fuse", "bench", "bench_model"):
         importlib.import_module(f"{__package__}.{name}").register(app)
     for info in app.registered_commands:  # every command's help in one layout (HelpCommand)
         if info.cls in (None, typer.core.TyperCommand):

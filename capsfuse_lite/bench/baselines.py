@@ -1,6 +1,6 @@
 """The systems `capsfuse-lite bench` compares the engine against, run on the same rows.
 
-Every runner here (and the engine runner in :mod:`capsfuse_lite.bench`) has the same small
+Every runner here (and the engine runner in :mod:`capsfuse_lite.bench.measure`) has the same small
 shape: ``load()`` builds the model, ``run(pairs)`` yields one :class:`RowFigures` per row as
 rows finish, ``close()`` frees it, ``describe()`` says how it was set up. The bench times
 ``run`` and never looks inside.
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from . import defaults
-from .errors import CheckpointError, ConfigError, ModelLoadError
-from .prompts import PromptBuilder
+from capsfuse_lite import defaults
+from capsfuse_lite.errors import CheckpointError, ConfigError, ModelLoadError
+from capsfuse_lite.engine.prompts import PromptBuilder
 
 LOOP_BASELINE = "llama-cpp-python-loop"
 HF_BASELINE = "hf-upstream"
@@ -71,7 +71,7 @@ class LlamaLoopBaseline:
     def load(self) -> None:
         import llama_cpp
 
-        from .models import gguf_defaults
+        from capsfuse_lite.models import gguf_defaults
 
         meta = gguf_defaults(self.model_path)
         if self.n_ctx is None:  # room for the longest prompt and the whole token budget

@@ -13,7 +13,7 @@ llama.cpp 0.3.36's KV cache (``llama_kv_cache::init_batch``) splits a batch into
 
 :func:`count_passes` replays those rules on the batch's sequence ids (one id per token, as this
 engine's batches have) without touching llama.cpp; ``tests/test_ubatch.py`` checks it against the
-ubatches llama.cpp really computes (:class:`~capsfuse_lite.llama.Context`'s ``count_ubatches``).
+ubatches llama.cpp really computes (:class:`~capsfuse_lite.engine.llama.Context`'s ``count_ubatches``).
 """
 
 from __future__ import annotations

@@ -15,14 +15,14 @@ replaces the format extension and keeps ``.gz``/``.zst`` for text formats). ``sh
 files ``I, I+N, ...`` of the sorted list: N independent processes (a SLURM array) split a dataset
 without a merge step.
 
-**Per shard**, everything a single-file run guarantees holds (:class:`~capsfuse_lite.runner.FuseRun`
+**Per shard**, everything a single-file run guarantees holds (:class:`~capsfuse_lite.run.single.FuseRun`
 is the unit): journal beside the output, one run per output (lock), content-keyed resume, output
 written to ``.partial`` and renamed, ``.meta.json``. On top:
 
 - *Skip if done, continue if cut.* A shard whose output is complete by the rule of a single-file run
-  (:func:`capsfuse_lite.outputs.finished_output`: input sha256, every setting that changes the
+  (:func:`capsfuse_lite.run.outputs.finished_output`: input sha256, every setting that changes the
   output's bytes, output size) is skipped without being parsed. A journal beside an existing output
-  is an interrupted run's, which the shard continues (:func:`capsfuse_lite.outputs.unfinished_journal`);
+  is an interrupted run's, which the shard continues (:func:`capsfuse_lite.run.outputs.unfinished_journal`);
   a ``force`` run first leaves an empty journal beside every output it is to redo, so that when it is
   cut, the command it prints (without ``--force``) finishes its work. Any other existing output fails
   its shard, naming what differs: nothing is overwritten without ``force``.
@@ -51,11 +51,11 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import CapsfuseError, ConfigError, DiskSpaceError, InputFileError, OutputExistsError
-from .journal import journal_path, mark_replacing
-from .progress import Progress
-from .records import _EXTENSIONS, detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
-from .runner import (COUNTS, FuseConfig, FuseRun, RowCounts, check_model_file, check_writable_folder, default_fuser_factory, fuser_kwargs,
+from capsfuse_lite.errors import CapsfuseError, ConfigError, DiskSpaceError, InputFileError, OutputExistsError
+from capsfuse_lite.run.journal import journal_path, mark_replacing
+from capsfuse_lite.run.progress import Progress
+from capsfuse_lite.formats.records import _EXTENSIONS, detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
+from capsfuse_lite.run.single import (COUNTS, FuseConfig, FuseRun, RowCounts, check_model_file, check_writable_folder, default_fuser_factory, fuser_kwargs,
                      meta_path, settings_fingerprint)
 
 _OWN_FILES = (".meta.json", ".journal.jsonl")  # written by capsfuse-lite beside each output: never shards
@@ -91,7 +91,7 @@ class Shard:
 
 @dataclass
 class DatasetConfig(FuseConfig):
-    """:class:`~capsfuse_lite.runner.FuseConfig` for a dataset: ``input`` is a folder or a glob (or
+    """:class:`~capsfuse_lite.run.single.FuseConfig` for a dataset: ``input`` is a folder or a glob (or
     ``inputs`` several files, folders and globs), ``output`` the output folder, ``shard=(I, N)``
     selects files I, I+N, ... of the sorted shard list, and ``limit`` is not available. Every other
     setting applies to each shard."""
@@ -275,9 +275,9 @@ class ShardOutcome:
 
 def finished_rows(shard: Shard, cfg: DatasetConfig, base: dict) -> int:
     """Rows of ``shard``'s existing output if it is complete for this run, by the rule a single-file
-    run applies (:func:`capsfuse_lite.outputs.finished_output`: input sha256 and every setting that
+    run applies (:func:`capsfuse_lite.run.outputs.finished_output`: input sha256 and every setting that
     changes the output's bytes); else OutputExistsError saying what differs."""
-    from .outputs import finished_output, read_meta
+    from capsfuse_lite.run.outputs import finished_output, read_meta
 
     finished_output(cfg.file_config(shard), output_format=detect_format(shard.output, cfg.output_format, role="output"),
                     input_format=detect_format(shard.input, cfg.input_format), model_sha256=base["model_sha256"])
@@ -288,9 +288,9 @@ def finished_rows(shard: Shard, cfg: DatasetConfig, base: dict) -> int:
 def finished_outcome(cfg: DatasetConfig, shard: Shard, base: dict) -> ShardOutcome | None:
     """``skipped`` if ``shard``'s output exists and is complete for this run, ``failed`` if it exists
     otherwise (without ``force``), None if the shard is to be fused: no output yet, ``force``, or the
-    journal of an interrupted run beside the output (:func:`capsfuse_lite.outputs.unfinished_journal`;
+    journal of an interrupted run beside the output (:func:`capsfuse_lite.run.outputs.unfinished_journal`;
     a journal left by the run that wrote the output is deleted)."""
-    from .outputs import unfinished_journal
+    from capsfuse_lite.run.outputs import unfinished_journal
 
     if cfg.force or not shard.output.exists():
         return None
@@ -584,7 +584,7 @@ class DatasetRun:
 
     def fingerprint(self) -> dict:
         """The settings every shard's journal and meta file must match (model hashed once)."""
-        from .models import file_sha256
+        from capsfuse_lite.models import file_sha256
 
         if not self.base:
             meta = self.model_meta or self.check_model()
@@ -600,7 +600,7 @@ class DatasetRun:
         """``force``: put a placeholder journal beside every existing output this run is to redo, before
         any is redone, so that if the run is cut, every rerun (the printed command has no ``--force``)
         redoes those outputs instead of counting them complete or refusing them
-        (:func:`~capsfuse_lite.journal.mark_replacing`)."""
+        (:func:`~capsfuse_lite.run.journal.mark_replacing`)."""
         if not self.config.force:
             return
         for shard in self.shards:  # (a journal without an output: an older run's, perhaps of other settings)

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import ConfigError, InputFileError
+from capsfuse_lite.errors import ConfigError, InputFileError
 
 FORMATS = ("json", "jsonl", "csv", "parquet")
 COMPRESSIONS = ("gzip", "zstd")

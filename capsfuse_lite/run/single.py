@@ -5,7 +5,7 @@
     summary = run.execute()  # journaled, resumable, deduplicated; writes OUTPUT + OUTPUT.meta.json
 
 Row selection: ``limit`` keeps input rows ``0 .. limit-1``; ``shard=(I, N)`` keeps the rows
-``i`` of those with ``i % N == I`` (:mod:`capsfuse_lite.shards` interleaves the parts back).
+``i`` of those with ``i % N == I`` (:mod:`capsfuse_lite.run.merge` interleaves the parts back).
 
 Rows are never a reason to stop: a row whose caption fields are missing, null, non-strings, empty
 or not valid Unicode text (a lone surrogate, which JSON allows), or whose captions the tokenizer
@@ -16,7 +16,7 @@ its captions are unchanged. The engine completes rows out of order; the journal 
 its input index and the output is assembled in input order by streaming the input again, to
 ``OUTPUT.partial`` renamed onto OUTPUT at the end.
 
-An OUTPUT that is already complete for the config (see :mod:`capsfuse_lite.outputs`) is left alone:
+An OUTPUT that is already complete for the config (see :mod:`capsfuse_lite.run.outputs`) is left alone:
 ``prepare()`` sets ``already_done`` to the line saying so and ``execute()`` returns at once, without
 touching the model.
 
@@ -38,11 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import __version__, defaults
-from .errors import ConfigError, InputFileError, OutputExistsError, write_error
-from .journal import RESUME_HINT, Journal, journal_path, replace_atomically
-from .progress import Progress
-from .records import (Layout, RecordReader, detect_compression, detect_format, import_zstandard, open_reader, open_writer,
+from capsfuse_lite import __version__, defaults
+from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError, write_error
+from capsfuse_lite.run.journal import RESUME_HINT, Journal, journal_path, replace_atomically
+from capsfuse_lite.run.progress import Progress
+from capsfuse_lite.formats.records import (Layout, RecordReader, detect_compression, detect_format, import_zstandard, open_reader, open_writer,
                       parse_csv_delimiter)
 
 FINISH_COLUMN = "finish_reason"
@@ -191,8 +191,8 @@ def _remove_quietly(path: Path) -> None:
 
 def check_writable_folder(output: Path) -> None:
     """Fail now, with one line, if ``output`` cannot be created (read-only folder, no permission),
-    instead of after the model work; a missing folder is fine (see :mod:`capsfuse_lite.outputs`)."""
-    from .outputs import check_output_folder
+    instead of after the model work; a missing folder is fine (see :mod:`capsfuse_lite.run.outputs`)."""
+    from capsfuse_lite.run.outputs import check_output_folder
 
     check_output_folder(output)
 
@@ -208,7 +208,7 @@ class FuseConfig:
     raw_field: str = defaults.RAW_FIELD
     synthetic_field: str = defaults.SYNTHETIC_FIELD
     output_field: str = defaults.OUTPUT_FIELD
-    slots: int | str = "auto"  # rows decoded at once, or "auto" (see capsfuse_lite.plan)
+    slots: int | str = "auto"  # rows decoded at once, or "auto" (see capsfuse_lite.engine.plan)
     beams: int | None = None
     max_new_tokens: int | None = None
     n_gpu_layers: int | None = None
@@ -225,7 +225,7 @@ class FuseConfig:
     def __post_init__(self) -> None:
         self.input, self.output = Path(self.input), Path(self.output)
         if self.kv_type is not None:
-            from .plan import KV_TYPE_BYTES
+            from capsfuse_lite.engine.plan import KV_TYPE_BYTES
 
             if self.kv_type not in KV_TYPE_BYTES:
                 raise ConfigError(f"--kv-type {self.kv_type}: use one of {', '.join(KV_TYPE_BYTES)}")
@@ -339,7 +339,7 @@ def check_model_file(path: Path, max_new_tokens: int | None) -> dict:
     """Check a model from its header alone, before it is hashed or loaded: a complete LLaMA GGUF whose
     trained context holds the prompt budget plus ``max_new_tokens`` (None: the GGUF's default).
     Returns its :func:`~capsfuse_lite.models.gguf_defaults`."""
-    from .models import check_gguf, gguf_defaults
+    from capsfuse_lite.models import check_gguf, gguf_defaults
 
     check_gguf(path)
     meta = gguf_defaults(path)
@@ -372,7 +372,7 @@ def _template_sha256(cfg: FuseConfig, meta: dict) -> str:
     ``--chat-template auto``): a resume or rerun with the other choice is another prompt."""
     if cfg.chat_template == "none":
         return meta["prompt_template_sha256"]
-    from .engine import effective_template_sha256
+    from capsfuse_lite.engine.fuser import effective_template_sha256
 
     return effective_template_sha256(meta, cfg.chat_template, str(cfg.model))
 
@@ -389,7 +389,7 @@ def fuser_kwargs(cfg: FuseConfig, fingerprint: dict) -> dict:
 
 
 def default_fuser_factory(model_path: Path, **kwargs):
-    from .engine import Fuser
+    from capsfuse_lite.engine.fuser import Fuser
 
     return Fuser(model_path, **kwargs)
 
@@ -427,9 +427,9 @@ class FuseRun:
     def prepare(self) -> Layout | None:
         """Check input, output and options; returns the input's layout, or None when OUTPUT is already
         complete for this config (``already_done`` then holds the line saying so; see
-        :func:`capsfuse_lite.outputs.finished_output`; ``config.model`` is the model asked for, None
+        :func:`capsfuse_lite.run.outputs.finished_output`; ``config.model`` is the model asked for, None
         for the default). A missing output folder is created last, once the input has passed."""
-        from .outputs import finished_output, make_output_folder, unfinished_journal
+        from capsfuse_lite.run.outputs import finished_output, make_output_folder, unfinished_journal
 
         cfg = self.config
         self.output_format = detect_format(cfg.output, cfg.output_format, role="output")
@@ -445,7 +445,7 @@ class FuseRun:
                 return None
         check_writable_folder(cfg.output)
         if self.output_format == "parquet":
-            from .records import import_pyarrow
+            from capsfuse_lite.formats.records import import_pyarrow
 
             import_pyarrow()
         if detect_compression(cfg.output) == "zstd":
@@ -485,7 +485,7 @@ class FuseRun:
         row by row (each journaled row carries its caption-pair key), so an input that gained, lost or
         changed rows since resumes the rows still the same and fuses the others.
         ``model_sha256``: the model's hash when the caller already has it (a dataset hashes it once)."""
-        from .models import file_sha256
+        from capsfuse_lite.models import file_sha256
 
         meta = self.check_model()
         return settings_fingerprint(self.config, meta, model_sha256 or file_sha256(model_path))
@@ -525,7 +525,7 @@ class FuseRun:
         summary.wall_s = time.monotonic() - self._t0
         return summary
 
-    # The pieces of execute(), also used one shard at a time by capsfuse_lite.dataset, where one
+    # The pieces of execute(), also used one shard at a time by capsfuse_lite.run.dataset, where one
     # engine stream serves many runs: begin() -> pending() / take() -> settled -> finish().
 
     def begin(self, model_sha256: str | None = None) -> RunSummary:
@@ -611,7 +611,7 @@ class FuseRun:
         meta = self._meta(summary, self._fingerprint)
         # OUTPUT first, then its meta file (which names this journal's run), then the journal: cut
         # anywhere in between, the journal is still beside OUTPUT and no meta file describes the new
-        # OUTPUT, so a rerun continues the run (see capsfuse_lite.outputs.unfinished_journal).
+        # OUTPUT, so a rerun continues the run (see capsfuse_lite.run.outputs.unfinished_journal).
         self._publish()
         write_json_atomic(meta_path(cfg.output), meta)
         journal.remove()
@@ -767,7 +767,7 @@ class FuseRun:
 
     def _meta(self, summary: RunSummary, fingerprint: dict) -> dict:
         """The meta file of the OUTPUT.partial just assembled."""
-        from .models import file_sha256
+        from capsfuse_lite.models import file_sha256
 
         cfg = self.config
         try:

@@ -50,7 +50,7 @@ from typing import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from .errors import ConfigError, ModelLoadError
+from capsfuse_lite.errors import ConfigError, ModelLoadError
 
 
 class LlamaError(RuntimeError):
@@ -102,8 +102,8 @@ def _lib():
 
 def libstdcxx_hazard() -> str | None:
     """The library of this llama.cpp build that exports a private libstdc++ copy, else None (see
-    :mod:`capsfuse_lite.native`)."""
-    from .native import libstdcxx_hazard as check
+    :mod:`capsfuse_lite.engine.native`)."""
+    from capsfuse_lite.engine.native import libstdcxx_hazard as check
 
     return check(_lib_folder())
 
@@ -552,7 +552,7 @@ class Context:
 
     ``count_ubatches=True`` (for tests and diagnosis: it makes llama.cpp's scheduler stop at one
     tensor of every graph) appends to ``ubatches`` the token count of every micro-batch llama.cpp
-    really computes, one entry per weight pass (see :mod:`capsfuse_lite.ubatch`).
+    really computes, one entry per weight pass (see :mod:`capsfuse_lite.engine.ubatch`).
     """
 
     def __init__(

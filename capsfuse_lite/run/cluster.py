@@ -8,7 +8,7 @@
 passes over shards whose complete output exists, and starts :class:`FuseWorker` actors: one per GPU
 (``num_gpus=1``), or on a CPU-only cluster one per ``cpus_per_worker`` CPUs (its llama.cpp threads).
 Each loads the GGUF once, in its constructor, and runs one engine thread: a
-:class:`~capsfuse_lite.dataset.ShardStream`, exactly as a single-machine dataset run does, fed with
+:class:`~capsfuse_lite.run.dataset.ShardStream`, exactly as a single-machine dataset run does, fed with
 the shards Ray hands it. Paths (inputs, outputs, model) are absolute and must name the same files on
 every node: shared storage.
 
@@ -16,7 +16,7 @@ every node: shared storage.
 worker has the shard it is feeding and the next ones queued in its stream: rows of the next shard fill
 the slots while the last rows of the previous one finish (with shards smaller than the slots, a
 worker's queue can run dry and its stream drains and starts again). ``fuse_shard(shard)`` returns when
-the shard is published (or failed, or cut by a stop) with its :class:`~capsfuse_lite.dataset.ShardOutcome`.
+the shard is published (or failed, or cut by a stop) with its :class:`~capsfuse_lite.run.dataset.ShardOutcome`.
 
 **Why Ray core actors, not Ray Data.** The unit of work here is a file with its own journal, lock,
 content-keyed resume and atomic publish; that is what makes a rerun skip finished shards and resume cut
@@ -57,11 +57,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .dataset import (DatasetConfig, DatasetRun, DatasetSummary, RowTally, Shard, ShardOutcome, ShardStream,
+from capsfuse_lite.run.dataset import (DatasetConfig, DatasetRun, DatasetSummary, RowTally, Shard, ShardOutcome, ShardStream,
                       finished_outcome, open_shard)
-from .errors import CapsfuseError, ConfigError, ModelLoadError
-from .progress import Progress
-from .runner import default_fuser_factory, fuser_kwargs
+from capsfuse_lite.errors import CapsfuseError, ConfigError, ModelLoadError
+from capsfuse_lite.run.progress import Progress
+from capsfuse_lite.run.single import default_fuser_factory, fuser_kwargs
 
 RAY_INSTALL = "pip install 'capsfuse-lite[ray]' (on this machine and every node)"
 MAX_RESTARTS = 16  # restarts of one worker before Ray gives it up
@@ -220,7 +220,7 @@ class FuseWorker:
     reports it, so Ray does not restart the worker over and over."""
 
     def __init__(self, cfg: DatasetConfig, base: dict, model_meta: dict, model_size: int):
-        from . import llama  # noqa: F401  (llama.cpp's libraries before numpy: see capsfuse_lite.llama)
+        from capsfuse_lite.engine import llama  # noqa: F401  (llama.cpp's libraries before numpy: see capsfuse_lite.engine.llama)
 
         self.error: str | None = None
         self.engine: WorkerEngine | None = None

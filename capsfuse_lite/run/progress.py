@@ -73,7 +73,7 @@ class Progress:
         return f"shards {self.shards_done}/{self.shards_total}{failed}"
 
     def watch(self, live) -> None:
-        """Follow the engine's live figures (:meth:`capsfuse_lite.engine.Fuser.live`): until a row
+        """Follow the engine's live figures (:meth:`capsfuse_lite.engine.fuser.Fuser.live`): until a row
         finishes, the display shows rows in flight and generated tokens/s from them instead of
         ``0.00 rows/s`` (rows of a 3-beam 13B model take tens of seconds)."""
         self.live, self._live_t0 = live, time.monotonic()
@@ -244,7 +244,7 @@ def summary_rows(summary: Any) -> list[tuple[str, str]]:
     (see ``runner.RowCounts``). Truncated prompts and rows cut at the token limit are of the whole
     output when the run completed, of this process's rows when interrupted."""
     s = summary
-    shards = getattr(s, "shard_counts", None)  # a dataset run (capsfuse_lite.dataset.DatasetSummary)
+    shards = getattr(s, "shard_counts", None)  # a dataset run (capsfuse_lite.run.dataset.DatasetSummary)
     earlier = f", {s.rows_complete} in shards already complete" if shards else ""
     sources = f"in this run, {s.rows_resumed} from {'journals' if shards else 'the journal'}{earlier}"
     scope = "" if s.complete else " of the rows done in this run"

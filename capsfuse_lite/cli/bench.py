@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_common import HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_VERBOSE, help_threads, user_errors
-from .errors import ConfigError, OutputExistsError
+from capsfuse_lite.cli.common import HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_VERBOSE, help_threads, user_errors
+from capsfuse_lite.errors import ConfigError, OutputExistsError
 
 _AUTO = "auto"
 
@@ -32,7 +32,7 @@ def _choices(option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def _devices(text: str) -> list[str]:
-    from .llama import supports_gpu_offload
+    from capsfuse_lite.engine.llama import supports_gpu_offload
 
     if text == _AUTO:
         return ["gpu"] if supports_gpu_offload() else ["cpu"]
@@ -45,7 +45,7 @@ def _devices(text: str) -> list[str]:
 
 
 def _slots(text: str, devices: list[str]) -> list[int]:
-    from .bench import DEFAULT_SLOTS
+    from capsfuse_lite.bench.measure import DEFAULT_SLOTS
 
     if text == _AUTO:
         return sorted({s for d in devices for s in DEFAULT_SLOTS[d]})
@@ -53,7 +53,7 @@ def _slots(text: str, devices: list[str]) -> list[int]:
 
 
 def _baselines(text: str, hf_checkpoint: Path | None) -> list[str]:
-    from .baselines import BASELINE_NAMES, HF_BASELINE, LOOP_BASELINE, hf_checkpoint_available
+    from capsfuse_lite.bench.baselines import BASELINE_NAMES, HF_BASELINE, LOOP_BASELINE, hf_checkpoint_available
 
     if text == "none":
         return []
@@ -63,7 +63,7 @@ def _baselines(text: str, hf_checkpoint: Path | None) -> list[str]:
 
 
 def _slots_help() -> str:
-    from .bench import DEFAULT_SLOTS
+    from capsfuse_lite.bench.measure import DEFAULT_SLOTS
 
     return ("Slot counts to measure, comma-separated, or auto: "
             f"{','.join(map(str, DEFAULT_SLOTS['cpu']))} on a CPU, {','.join(map(str, DEFAULT_SLOTS['gpu']))} on a GPU.")
@@ -96,16 +96,16 @@ def bench(
     Runs the same rows through the engine at each slot count, greedy and with beams, and through
     the baselines, in one process; prints a table, writes the report and recommends --slots.
     """
-    from .cli_common import native_first, plain, stderr_console, verbose_llama
+    from capsfuse_lite.cli.common import native_first, plain, stderr_console, verbose_llama
 
     native_first()
     verbose_llama(verbose)
     with user_errors():
         from rich.console import Console
 
-        from .bench import (BenchOptions, load_pairs, plot_report_subprocess, remember_recommendations, repeat_to,
+        from capsfuse_lite.bench.measure import (BenchOptions, load_pairs, plot_report_subprocess, remember_recommendations, repeat_to,
                             run_bench, write_report)
-        from .outputs import check_output_folder, make_output_folder
+        from capsfuse_lite.run.outputs import check_output_folder, make_output_folder
 
         if output.exists() and not force:
             raise OutputExistsError(f"{output} exists; pass --force to overwrite it (or choose another -o)")
@@ -167,8 +167,8 @@ def report_table(report: dict):
     """The report as a rich table: one line per configuration, ratios to each baseline."""
     from rich.table import Table
 
-    from .baselines import BASELINE_NAMES
-    from .cli_common import plain
+    from capsfuse_lite.bench.baselines import BASELINE_NAMES
+    from capsfuse_lite.cli.common import plain
 
     results = report["results"]
     ratio_cols = [b for b in BASELINE_NAMES if any(b in r.get("ratios", {}) for r in results)]

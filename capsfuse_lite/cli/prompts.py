@@ -8,14 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import defaults
-from .cli_common import (HELP_CHAT_TEMPLATE, HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_RAW_FIELD,
+from capsfuse_lite import defaults
+from capsfuse_lite.cli.common import (HELP_CHAT_TEMPLATE, HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_RAW_FIELD,
                          HELP_SYNTHETIC_FIELD, HELP_VERBOSE)
 
 
 def _model_help() -> str:
-    from .cli_common import help_path
-    from .models import default_model_path
+    from capsfuse_lite.cli.common import help_path
+    from capsfuse_lite.models import default_model_path
 
     return ("GGUF whose tokenizer and prompt template are used.  "
             f"[default: fuse's default model, {help_path(default_model_path())}]")
@@ -40,19 +40,19 @@ def prompts(
     truncated, which are skipped and why), before any GPU time is spent. Only the model's
     vocabulary is loaded.
     """
-    from .cli_common import native_first, user_errors, verbose_llama
+    from capsfuse_lite.cli.common import native_first, user_errors, verbose_llama
 
     native_first()
     verbose_llama(verbose)
-    from .engine import PromptPreview
-    from .errors import ConfigError, OutputExistsError, write_error
-    from .journal import json_line, replace_atomically
-    from .llama import LlamaError
-    from .models import resolve_model
-    from .outputs import make_output_folder
-    from .prompts import PreviewSummary, preview_records
-    from .records import open_reader
-    from .runner import caption_pair, check_writable_folder
+    from capsfuse_lite.engine.fuser import PromptPreview
+    from capsfuse_lite.errors import ConfigError, OutputExistsError, write_error
+    from capsfuse_lite.run.journal import json_line, replace_atomically
+    from capsfuse_lite.engine.llama import LlamaError
+    from capsfuse_lite.models import resolve_model
+    from capsfuse_lite.run.outputs import make_output_folder
+    from capsfuse_lite.engine.prompts import PreviewSummary, preview_records
+    from capsfuse_lite.formats.records import open_reader
+    from capsfuse_lite.run.single import caption_pair, check_writable_folder
 
     with user_errors():
         if limit is not None and limit < 0:

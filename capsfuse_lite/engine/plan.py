@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from capsfuse_lite.errors import ConfigError
 
 CELL_PAD = 256  # llama.cpp pads KV sizes (n_ctx, and n_ctx per stream) to multiples of 256
 # bytes per element of each KV cache type (block types: block bytes / 32 elements)
@@ -64,8 +64,8 @@ class ModelShape:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> "ModelShape":
-        from .convert.gguf_metadata import read_gguf_metadata
-        from .models import gguf_defaults
+        from capsfuse_lite.convert.gguf_metadata import read_gguf_metadata
+        from capsfuse_lite.models import gguf_defaults
 
         meta = read_gguf_metadata(path)
         arch = meta.get("general.architecture", "llama")
@@ -158,7 +158,7 @@ def choose_slots(*, requested: int | str, shape: ModelShape, beams: int, max_inp
     """Slots for a run: ``requested`` (an int) checked against memory, or ``"auto"``.
 
     ``device``: the GPU the KV cache lives on (``free``/``total`` bytes, as
-    :func:`capsfuse_lite.llama.devices` reports after the model is loaded, so ``free`` no longer
+    :func:`capsfuse_lite.engine.llama.devices` reports after the model is loaded, so ``free`` no longer
     includes the weights), None on a CPU-only run (then ``host_available`` bytes bound it).
     Raises ConfigError, naming the numbers, when not even the requested count (or one slot) fits.
     """
@@ -259,7 +259,7 @@ def _largest_fitting(fits, upper: int) -> int:
 # -- knees remembered from `capsfuse-lite bench` ------------------------------------------------
 
 def _knee_store() -> Path:
-    from .models import cache_dir
+    from capsfuse_lite.models import cache_dir
 
     return cache_dir() / "bench-knees.json"
 

@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, OutputExistsError, write_error
+from capsfuse_lite.errors import ConfigError, OutputExistsError, write_error
 
 
 def check_output_folder(output: str | Path) -> None:
@@ -90,8 +90,8 @@ def unfinished_journal(output: str | Path) -> bool:
     rerun continues. A journal whose run the meta file names (OUTPUT was assembled from it; the run
     was killed before deleting it) is deleted instead (unless another process holds it), and False
     returned."""
-    from .journal import journal_path, journal_run_id, remove_leftover
-    from .runner import meta_path
+    from capsfuse_lite.run.journal import journal_path, journal_run_id, remove_leftover
+    from capsfuse_lite.run.single import meta_path
 
     output = Path(output)
     journal = journal_path(output)
@@ -105,14 +105,14 @@ def unfinished_journal(output: str | Path) -> bool:
 
 
 def finished_output(cfg: Any, *, output_format: str, input_format: str, model_sha256: str | None = None) -> str:
-    """``cfg`` (a :class:`~capsfuse_lite.runner.FuseConfig`) names an existing OUTPUT: return the
+    """``cfg`` (a :class:`~capsfuse_lite.run.single.FuseConfig`) names an existing OUTPUT: return the
     one line saying it is already complete for this command, or raise
     :class:`~capsfuse_lite.errors.OutputExistsError` saying why it is not and how to redo it.
     ``cfg.model`` is the ``--model`` given, or None for the default model; ``model_sha256`` its
     hash when the caller has it (a dataset hashes the model once)."""
-    from .models import DEFAULT_MODEL_FILE, default_model_path, file_sha256
-    from .records import parse_csv_delimiter
-    from .runner import meta_path
+    from capsfuse_lite.models import DEFAULT_MODEL_FILE, default_model_path, file_sha256
+    from capsfuse_lite.formats.records import parse_csv_delimiter
+    from capsfuse_lite.run.single import meta_path
 
     out = Path(cfg.output)
     redo = "pass --force to redo it (or choose another -o)"

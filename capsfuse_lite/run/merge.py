@@ -18,12 +18,12 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from . import __version__
-from .errors import ConfigError, InputFileError, OutputExistsError, write_error
-from .journal import replace_atomically
-from .outputs import check_output_folder, make_output_folder
-from .records import Layout, detect_compression, detect_format, merge_kinds, open_reader, open_writer
-from .runner import meta_path, parse_shard, partial_path, write_json_atomic
+from capsfuse_lite import __version__
+from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError, write_error
+from capsfuse_lite.run.journal import replace_atomically
+from capsfuse_lite.run.outputs import check_output_folder, make_output_folder
+from capsfuse_lite.formats.records import Layout, detect_compression, detect_format, merge_kinds, open_reader, open_writer
+from capsfuse_lite.run.single import meta_path, parse_shard, partial_path, write_json_atomic
 
 _SAME = (("input", "rows"), ("input", "bytes"), ("input", "sha256"), ("model", "sha256"), ("settings", "beams"),
          ("settings", "max_new_tokens"), ("fields", "raw"), ("fields", "synthetic"), ("fields", "output"),

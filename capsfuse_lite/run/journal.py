@@ -41,7 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CapsfuseError, ConfigError, OutputWriteError, write_error
+from capsfuse_lite.errors import CapsfuseError, ConfigError, OutputWriteError, write_error
 
 JOURNAL_VERSION = 1
 _LOAD_BATCH = 10_000

@@ -2,12 +2,12 @@
 
 ``Fuser(model_path, ...)`` loads a GGUF, reads its ``capsfuse.*`` metadata for the defaults
 (prompt template, prompt budget, beams, max new tokens, length offset), sizes the run
-(:mod:`capsfuse_lite.plan`: how many slots fit the device, and the KV layout: one unified cache for
+(:mod:`capsfuse_lite.engine.plan`: how many slots fit the device, and the KV layout: one unified cache for
 beam search, one stream per sequence for greedy), creates one context holding ``slots x beams``
 sequences plus one for the shared instruction prefix, and ``fuse(pairs)`` streams
 :class:`FuseResult` objects. Scheduling (continuous batching, prefix reuse, KV forking for beams,
-the vectorised search of each decode step) lives in :mod:`capsfuse_lite.scheduler`; token search
-(greedy, beam search and its transformers-version arithmetic) in :mod:`capsfuse_lite.beams`.
+the vectorised search of each decode step) lives in :mod:`capsfuse_lite.engine.scheduler`; token search
+(greedy, beam search and its transformers-version arithmetic) in :mod:`capsfuse_lite.engine.search`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from . import defaults
-from .errors import ConfigError, ModelLoadError
-from .llama import (Batch, Context, LlamaError, Model, apply_chat_template, devices, set_verbose,  # first: loads llama.cpp
+from capsfuse_lite import defaults
+from capsfuse_lite.errors import ConfigError, ModelLoadError
+from capsfuse_lite.engine.llama import (Batch, Context, LlamaError, Model, apply_chat_template, devices, set_verbose,  # first: loads llama.cpp
                     supports_gpu_offload)
-from .machine import ThreadGovernor, available_memory, default_threads
-from .models import gguf_defaults
-from .plan import ModelShape, choose_layout, kv_layout
-from .prompts import Prompt, PromptBuilder, common_prefix_length
-from .scheduler import Finished, Scheduler
+from capsfuse_lite.machine import ThreadGovernor, available_memory, default_threads
+from capsfuse_lite.models import gguf_defaults
+from capsfuse_lite.engine.plan import ModelShape, choose_layout, kv_layout
+from capsfuse_lite.engine.prompts import Prompt, PromptBuilder, common_prefix_length
+from capsfuse_lite.engine.scheduler import Finished, Scheduler
 
 logger = logging.getLogger("capsfuse_lite")
 
@@ -65,7 +65,7 @@ class FuserStats:
     decode_calls: int = 0
     steps: int = 0  # decode steps (each advances every running row by one token or prompt chunk)
     # micro-batches llama.cpp split the decodes into (each a full pass over the weights): all
-    # decodes, and the decode steps' alone (see capsfuse_lite.ubatch)
+    # decodes, and the decode steps' alone (see capsfuse_lite.engine.ubatch)
     passes: int = 0
     step_passes: int = 0
     device_s: float = 0.0  # inside llama_decode and waiting for its results (the GPU/CPU kernels)
@@ -129,13 +129,13 @@ class Fuser:
     Arguments left as ``None`` come from the GGUF's ``capsfuse.*`` metadata, else from
     :mod:`capsfuse_lite.defaults`. ``slots="auto"`` takes the most rows that fit the GPU's free
     memory up to the throughput knee (``capsfuse-lite bench`` measures and remembers it; see
-    :func:`capsfuse_lite.plan.choose_slots`); an explicit count is checked against memory the same
+    :func:`capsfuse_lite.engine.plan.choose_slots`); an explicit count is checked against memory the same
     way, so a run never starts into an out-of-memory crash (``slots_reason`` says what fit and
     why). ``n_gpu_layers=None`` offloads every layer when this llama.cpp build supports a GPU,
     else runs on the CPU (with one notice line). ``kv_unified=None`` picks the KV layout
-    (:mod:`capsfuse_lite.plan`). ``n_ctx=None`` sizes a unified KV cache for the worst case of every
+    (:mod:`capsfuse_lite.engine.plan`). ``n_ctx=None`` sizes a unified KV cache for the worst case of every
     slot at once; a smaller ``n_ctx`` admits rows only while their worst case fits. ``n_batch=None``
-    is ``max(512, slots x beams)``. ``length_offset``: see :mod:`capsfuse_lite.beams` (256 =
+    is ``max(512, slots x beams)``. ``length_offset``: see :mod:`capsfuse_lite.engine.search` (256 =
     upstream's transformers 4.28 arithmetic, 0 = current transformers). ``chat_template``: "none"
     feeds upstream's prompt as it is, "auto" inside the GGUF's own chat template (other instruct
     models; :func:`prompt_builder`); ``model_note`` is one line on how a model without ``capsfuse.*``

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_common import HELP_FORCE, HELP_QUIET
-from .defaults import DEFAULT_HUB_REPO
+from capsfuse_lite.cli.common import HELP_FORCE, HELP_QUIET
+from capsfuse_lite.defaults import DEFAULT_HUB_REPO
 
 TYPES_HELP = ("f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer); "
               "q8_0 and f16 stay closest to upstream's bf16.")
@@ -29,19 +29,19 @@ def convert(
     Tensors are streamed one by one: memory stays flat whatever the checkpoint's size, and torch is
     not needed. OUTPUT appears only when complete.
     """
-    from .cli_common import user_errors
+    from capsfuse_lite.cli.common import user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
     with user_errors():
-        from .convert import convert_checkpoint
+        from capsfuse_lite.convert import convert_checkpoint
 
         convert_checkpoint(source, output, out_type=out_type, revision=revision, force=force,
                            progress=False if quiet else None)
 
 
 def _size(n: int) -> str:
-    from .convert.progress import human_bytes
+    from capsfuse_lite.convert.progress import human_bytes
 
     return human_bytes(n)
 
@@ -56,10 +56,10 @@ def info(
     (beams, max new tokens, prompt template) and whether this llama.cpp build offloads to a GPU.
     Exit code 2 when the file is truncated or not a GGUF.
     """
-    from .cli_common import user_errors
+    from capsfuse_lite.cli.common import user_errors
 
     with user_errors():
-        from .convert.info import describe_gguf
+        from capsfuse_lite.convert.info import describe_gguf
 
         details = describe_gguf(model)
     if as_json:
@@ -93,7 +93,7 @@ def info(
 
 def _fail_on_problems(model: Path, details: dict) -> None:
     """A file that cannot be loaded (e.g. truncated) is reported as an error line and exit code 2."""
-    from .cli_common import error_line
+    from capsfuse_lite.cli.common import error_line
 
     for problem in details.get("problems") or ():
         error_line(f"{model}: {problem}")

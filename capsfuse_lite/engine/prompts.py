@@ -39,8 +39,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .defaults import MAX_INPUT_TOKENS, PROMPT_TEMPLATE
-from .errors import ConfigError
+from capsfuse_lite.defaults import MAX_INPUT_TOKENS, PROMPT_TEMPLATE
+from capsfuse_lite.errors import ConfigError
 
 _PLACEHOLDER = re.compile(r"\{(raw|synthetic)\}")
 

@@ -1,4 +1,4 @@
-"""``capsfuse-lite bench-model``: a thin wrapper over :func:`capsfuse_lite.benchmodel.write_bench_model`."""
+"""``capsfuse-lite bench-model``: a thin wrapper over :func:`capsfuse_lite.bench.model.write_bench_model`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_common import HELP_FORCE, HELP_QUIET
+from capsfuse_lite.cli.common import HELP_FORCE, HELP_QUIET
 
 SHAPES_HELP = ("LLaMA shape: tiny (hidden 64, 2 layers), cpu768 (hidden 768, 8 layers: README's CPU tables), "
                "7b, or 13b (CapsFus-LLaMA's); --hidden, --ffn, --layers, --heads and --kv-heads change single fields.")
@@ -33,12 +33,12 @@ def bench_model(
     Written in seconds, with no torch and no download.
     Same architecture metadata, tokenizer (CapsFus-LLaMA's 32001 tokens) and capsfuse.* defaults as a converted CapsFus-LLaMA, and for q4_k_m/q4_0 the per-tensor types of llama.cpp's quantizer: speed measured with it is the real model's. It never emits EOS, so every row generates the full token budget; its text is meaningless.
     """
-    from .cli_common import user_errors
+    from capsfuse_lite.cli.common import user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
     with user_errors():
-        from .benchmodel import bench_shape, write_bench_model
+        from capsfuse_lite.bench.model import bench_shape, write_bench_model
 
         chosen = bench_shape(shape, hidden=hidden, ffn=ffn, layers=layers, heads=heads, kv_heads=kv_heads)
         write_bench_model(output, chosen, out_type, seed=seed, force=force, progress=False if quiet else None)
