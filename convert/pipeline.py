@@ -10,8 +10,8 @@ import numpy as np
 
 from capsfuse_lite import __version__
 from capsfuse_lite import defaults as D
-from capsfuse_lite.run.journal import replace_atomically
-from capsfuse_lite.run.outputs import check_output_folder, make_output_folder
+from capsfuse_lite.files import replace_atomically
+from capsfuse_lite.files import check_output_folder, make_output_folder
 
 from .hub import resolve_source
 from .llama import (ARCH_NAME, DIRECT_TYPES, LLAMA_QUANT_TYPES, QUANT_BITS_PER_WEIGHT, add_model_metadata,

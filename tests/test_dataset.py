@@ -30,7 +30,8 @@ from capsfuse_lite.errors import ConfigError, InputFileError
 from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.run.progress import LogProgress, print_summary
 from capsfuse_lite.formats.records import Layout, detect_format, open_writer, read_all
-from capsfuse_lite.run.single import FuseConfig, FuseRun, meta_path, run_fuse
+from capsfuse_lite.run.single import FuseConfig, FuseRun, run_fuse
+from capsfuse_lite.run.outputs import meta_path
 
 MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"  # a real GGUF header (fake engine)
 FAST = ("--max-new-tokens", "8", "--threads", "1", "--beams", "1")

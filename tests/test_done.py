@@ -20,7 +20,8 @@ from capsfuse_lite.cli import app
 from capsfuse_lite.errors import OutputExistsError
 from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.formats.records import read_all
-from capsfuse_lite.run.single import FuseConfig, FuseRun, meta_path, run_fuse
+from capsfuse_lite.run.single import FuseConfig, FuseRun, run_fuse
+from capsfuse_lite.run.outputs import meta_path
 
 MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"
 
@@ -176,6 +177,7 @@ def test_a_run_killed_while_publishing_is_finished_by_the_same_command(done, mon
     and then "already complete" with no journal left (issue 16: meta written before the output was
     renamed; a journal left beside a finished output made every rerun point at --resume forever)."""
     from capsfuse_lite.run import journal as journal_module
+    from capsfuse_lite import files as files_module
     from capsfuse_lite.run import single as runner_mod
 
     src, out = done
@@ -191,7 +193,8 @@ def test_a_run_killed_while_publishing_is_finished_by_the_same_command(done, mon
     def remove(self):
         raise Killed
 
-    monkeypatch.setattr(runner_mod, "replace_atomically", replace)
+    monkeypatch.setattr(runner_mod, "replace_atomically", replace)  # the output
+    monkeypatch.setattr(files_module, "replace_atomically", replace)  # the meta file (write_json_atomic)
     if cut == "journal deleted":
         monkeypatch.setattr(journal_module.Journal, "remove", remove)
     with pytest.raises(Killed):

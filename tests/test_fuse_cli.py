@@ -30,7 +30,7 @@ from capsfuse_lite.cli import app
 from capsfuse_lite.errors import HubError
 from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.formats.records import Layout, open_writer, read_all
-from capsfuse_lite.run.single import meta_path
+from capsfuse_lite.run.outputs import meta_path
 
 
 TOKENS = "8"  # --max-new-tokens: short captions keep the suite fast

@@ -15,7 +15,8 @@ from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError
 from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.run.progress import LogProgress, print_summary
 from capsfuse_lite.formats.records import read_all
-from capsfuse_lite.run.single import FuseConfig, FuseRun, meta_path, parse_shard, run_fuse
+from capsfuse_lite.run.single import FuseConfig, FuseRun, parse_shard, run_fuse
+from capsfuse_lite.run.outputs import meta_path
 from capsfuse_lite.run.merge import merge_shards
 
 MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"  # a real GGUF header

@@ -24,7 +24,8 @@ from capsfuse_lite.cli import app
 from capsfuse_lite.errors import DiskSpaceError, OutputWriteError
 from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.formats.records import read_all
-from capsfuse_lite.run.single import FuseConfig, FuseRun, partial_path, run_fuse
+from capsfuse_lite.run.single import FuseConfig, FuseRun, run_fuse
+from capsfuse_lite.run.outputs import partial_path
 
 MODEL = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"  # a real GGUF header
 

@@ -481,7 +481,7 @@ def _device_names(kinds: list[str]) -> dict:
 
 
 def write_report(report: dict, path: str | Path) -> Path:
-    from capsfuse_lite.run.single import write_json_atomic
+    from capsfuse_lite.files import write_json_atomic
 
     path = Path(path)
     write_json_atomic(path, report)

@@ -452,7 +452,7 @@ def write_bench_model(path: str | os.PathLike, shape: str | BenchShape = "13b", 
     """
     from capsfuse_lite.convert.progress import ConvertProgress, human_bytes
     from capsfuse_lite.convert.writer import check_free_space, check_output_path, remove_quietly, temp_path
-    from capsfuse_lite.run.outputs import check_output_folder, make_output_folder
+    from capsfuse_lite.files import check_output_folder, make_output_folder
 
     bench = bench_shape(shape)
     out_type = check_out_type(out_type)

@@ -105,7 +105,7 @@ def bench(
 
         from capsfuse_lite.bench.measure import (BenchOptions, load_pairs, plot_report_subprocess, remember_recommendations, repeat_to,
                             run_bench, write_report)
-        from capsfuse_lite.run.outputs import check_output_folder, make_output_folder
+        from capsfuse_lite.files import check_output_folder, make_output_folder
 
         if output.exists() and not force:
             raise OutputExistsError(f"{output} exists; pass --force to overwrite it (or choose another -o)")

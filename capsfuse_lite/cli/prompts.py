@@ -46,10 +46,11 @@ def prompts(
     verbose_llama(verbose)
     from capsfuse_lite.engine.fuser import PromptPreview
     from capsfuse_lite.errors import ConfigError, OutputExistsError, write_error
-    from capsfuse_lite.run.journal import json_line, replace_atomically
+    from capsfuse_lite.run.journal import json_line
+    from capsfuse_lite.files import replace_atomically
     from capsfuse_lite.engine.llama import LlamaError
     from capsfuse_lite.models import resolve_model
-    from capsfuse_lite.run.outputs import make_output_folder
+    from capsfuse_lite.files import make_output_folder
     from capsfuse_lite.engine.prompts import PreviewSummary, preview_records
     from capsfuse_lite.formats.records import open_reader
     from capsfuse_lite.run.single import caption_pair, check_writable_folder

@@ -55,8 +55,8 @@ from capsfuse_lite.errors import CapsfuseError, ConfigError, DiskSpaceError, Inp
 from capsfuse_lite.run.journal import journal_path, mark_replacing
 from capsfuse_lite.run.progress import Progress
 from capsfuse_lite.formats.records import _EXTENSIONS, detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
-from capsfuse_lite.run.single import (COUNTS, FuseConfig, FuseRun, RowCounts, check_model_file, check_writable_folder, default_fuser_factory, fuser_kwargs,
-                     meta_path, settings_fingerprint)
+from capsfuse_lite.run.single import COUNTS, FuseConfig, FuseRun, RowCounts, check_model_file, check_writable_folder, default_fuser_factory, fuser_kwargs, settings_fingerprint
+from capsfuse_lite.run.outputs import meta_path
 
 _OWN_FILES = (".meta.json", ".journal.jsonl")  # written by capsfuse-lite beside each output: never shards
 _FORMAT_EXTENSION = {"json": ".json", "jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from capsfuse_lite.errors import CapsfuseError, ConfigError, OutputWriteError, write_error
+from capsfuse_lite.files import fsync_dir
 
 JOURNAL_VERSION = 1
 _LOAD_BATCH = 10_000
@@ -211,7 +212,7 @@ class Journal:
         self.run_id = uuid.uuid4().hex
         self._file.write(json_line(_header(self.fingerprint, self.run_id)))
         self.sync()
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def _load(self) -> bool:
         """Read an existing journal into the index; False if there is none (or only a torn header)."""
@@ -478,20 +479,3 @@ def _key(hexdigest: Any) -> bytes | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def replace_atomically(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary file onto its final name and make the rename durable."""
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)

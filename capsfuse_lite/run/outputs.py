@@ -32,38 +32,20 @@ what differs and the way out (``--force`` redoes it); nothing is overwritten wit
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from capsfuse_lite.errors import ConfigError, OutputExistsError, write_error
 
 
-def check_output_folder(output: str | Path) -> None:
-    """Fail now, with one line, if ``output`` cannot be created: its folder (or, when that is missing,
-    the nearest existing folder above it, where it would be made) is read-only, not ours, or a file."""
+def meta_path(output: str | Path) -> Path:
     output = Path(output)
-    folder = output.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(f"cannot write {output}: {folder} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise write_error(exc, output) from None
+    return output.with_name(output.name + ".meta.json")
 
 
-def make_output_folder(output: str | Path) -> None:
-    """Create ``output``'s folder and its parents if missing (one error line if that fails)."""
+def partial_path(output: str | Path) -> Path:
     output = Path(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(exc, output) from None
+    return output.with_name(output.name + ".partial")
 
 
 def read_meta(path: Path) -> dict | None:
@@ -91,7 +73,6 @@ def unfinished_journal(output: str | Path) -> bool:
     was killed before deleting it) is deleted instead (unless another process holds it), and False
     returned."""
     from capsfuse_lite.run.journal import journal_path, journal_run_id, remove_leftover
-    from capsfuse_lite.run.single import meta_path
 
     output = Path(output)
     journal = journal_path(output)
@@ -112,7 +93,6 @@ def finished_output(cfg: Any, *, output_format: str, input_format: str, model_sh
     hash when the caller has it (a dataset hashes the model once)."""
     from capsfuse_lite.models import DEFAULT_MODEL_FILE, default_model_path, file_sha256
     from capsfuse_lite.formats.records import parse_csv_delimiter
-    from capsfuse_lite.run.single import meta_path
 
     out = Path(cfg.output)
     redo = "pass --force to redo it (or choose another -o)"

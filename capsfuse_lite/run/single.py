@@ -40,7 +40,9 @@ from typing import Any, Callable, Iterator
 
 from capsfuse_lite import __version__, defaults
 from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError, write_error
-from capsfuse_lite.run.journal import RESUME_HINT, Journal, journal_path, replace_atomically
+from capsfuse_lite.files import remove_quietly, replace_atomically, unencodable_at, writable, write_json_atomic
+from capsfuse_lite.run.journal import RESUME_HINT, Journal, journal_path
+from capsfuse_lite.run.outputs import meta_path, partial_path
 from capsfuse_lite.run.progress import Progress
 from capsfuse_lite.formats.records import (Layout, RecordReader, detect_compression, detect_format, import_zstandard, open_reader, open_writer,
                       parse_csv_delimiter)
@@ -51,16 +53,6 @@ ERROR_COLUMN = "error"
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
 RESERVED_COLUMNS = (FINISH_COLUMN, STATUS_COLUMN, ERROR_COLUMN)  # written by every run: not for --output-field
-
-
-def meta_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + ".meta.json")
-
-
-def partial_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + ".partial")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -100,7 +92,7 @@ def caption_pair(row: dict, raw_field: str, synthetic_field: str) -> tuple[str, 
             return "", "", f"field {name!r} is not a string ({type(value).__name__})"
         if not value.strip():
             return "", "", f"field {name!r} is empty"
-        bad = _unencodable_at(value)
+        bad = unencodable_at(value)
         if bad is not None:
             return "", "", (f"field {name!r} is not valid Unicode text (a lone surrogate U+{ord(value[bad]):04X} "
                             f"at character {bad})")
@@ -108,38 +100,11 @@ def caption_pair(row: dict, raw_field: str, synthetic_field: str) -> tuple[str, 
     return values[0], values[1], None
 
 
-def _unencodable_at(text: str) -> int | None:
-    """Index of the first character UTF-8 cannot encode (a lone surrogate), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return exc.start
-    return None
-
-
 def pair_key(raw: str, synthetic: str) -> bytes:
     """Dedupe and resume key of a caption pair: the engine sees both captions stripped. Defined for
     any text (lone surrogates included), so computing it can never stop a run."""
     text = f"{raw.strip()}\x00{synthetic.strip()}"
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def writable(value: Any) -> Any:
-    """``value`` (a cell, a row) with text that UTF-8 files cannot hold -- lone surrogates, which JSON
-    input may carry -- replaced by U+FFFD; returned as is (same object) when there is none."""
-    if isinstance(value, str):
-        if _unencodable_at(value) is None:
-            return value
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(value, dict):
-        items = [(writable(k), writable(v)) for k, v in value.items()]
-        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items())):
-            return value
-        return dict(items)
-    if isinstance(value, list):
-        items = [writable(v) for v in value]
-        return value if all(a is b for a, b in zip(items, value)) else items
-    return value
 
 
 def result_columns(output_field: str, entry: dict | None, reason: str | None) -> dict:
@@ -162,37 +127,10 @@ def journal_entry(result: Any) -> dict:
             "generated_tokens": len(result.token_ids), "truncated": bool(result.truncated)}
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` durably (fsynced temp file, rename, fsynced folder); a failed
-    write is one user-facing error naming ``path`` and leaves no temp file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(writable(obj), f, indent=2, ensure_ascii=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        replace_atomically(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise write_error(exc, path) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 def check_writable_folder(output: Path) -> None:
     """Fail now, with one line, if ``output`` cannot be created (read-only folder, no permission),
     instead of after the model work; a missing folder is fine (see :mod:`capsfuse_lite.run.outputs`)."""
-    from capsfuse_lite.run.outputs import check_output_folder
+    from capsfuse_lite.files import check_output_folder
 
     check_output_folder(output)
 
@@ -429,7 +367,8 @@ class FuseRun:
         complete for this config (``already_done`` then holds the line saying so; see
         :func:`capsfuse_lite.run.outputs.finished_output`; ``config.model`` is the model asked for, None
         for the default). A missing output folder is created last, once the input has passed."""
-        from capsfuse_lite.run.outputs import finished_output, make_output_folder, unfinished_journal
+        from capsfuse_lite.run.outputs import finished_output, unfinished_journal
+        from capsfuse_lite.files import make_output_folder
 
         cfg = self.config
         self.output_format = detect_format(cfg.output, cfg.output_format, role="output")
@@ -751,10 +690,10 @@ class FuseRun:
                     row.update(out)
                     writer.write(writable(row))
         except OSError as exc:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
             raise write_error(exc, tmp, RESUME_HINT) from None
         except BaseException:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
             raise
 
     def _publish(self) -> None:
