@@ -29,7 +29,7 @@ from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun, find_shards, ou
 from capsfuse_lite.errors import ConfigError, InputFileError
 from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.run.progress import LogProgress, print_summary
-from capsfuse_lite.formats.records import Layout, detect_format, open_writer, read_all
+from capsfuse_lite.formats import Layout, detect_format, open_writer, read_all
 from capsfuse_lite.run.single import FuseConfig, FuseRun, run_fuse
 from capsfuse_lite.run.outputs import meta_path
 

@@ -19,7 +19,7 @@ from capsfuse_lite.run import single as runner_module
 from capsfuse_lite.cli import app
 from capsfuse_lite.errors import OutputExistsError
 from capsfuse_lite.run.journal import journal_path
-from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.formats import read_all
 from capsfuse_lite.run.single import FuseConfig, FuseRun, run_fuse
 from capsfuse_lite.run.outputs import meta_path
 

@@ -29,7 +29,7 @@ from capsfuse_lite import models
 from capsfuse_lite.cli import app
 from capsfuse_lite.errors import HubError
 from capsfuse_lite.run.journal import journal_path
-from capsfuse_lite.formats.records import Layout, open_writer, read_all
+from capsfuse_lite.formats import Layout, open_writer, read_all
 from capsfuse_lite.run.outputs import meta_path
 
 

@@ -28,7 +28,7 @@ from capsfuse_lite.run import cluster as cluster_module
 from capsfuse_lite.run.cluster import RayDatasetRun, RayOptions, WorkerEngine
 from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun
 from capsfuse_lite.errors import ConfigError, DiskSpaceError
-from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.formats import read_all
 from capsfuse_lite.run.outputs import meta_path
 
 SETTINGS = dict(max_new_tokens=8, n_threads=1, beams=1, slots=1)

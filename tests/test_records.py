@@ -20,9 +20,11 @@ from fake_fuser import FakeFuser, fake_caption
 from typer.testing import CliRunner
 from markers import needs_pyarrow
 
-from capsfuse_lite.formats import records
+from capsfuse_lite.formats import json as json_format
+from capsfuse_lite.formats import parquet as parquet_format
+from capsfuse_lite.formats import source as source_format
 from capsfuse_lite.errors import ConfigError, InputFileError
-from capsfuse_lite.formats.records import (Layout, detect_compression, detect_format, open_reader, open_writer,
+from capsfuse_lite.formats import (Layout, detect_compression, detect_format, open_reader, open_writer,
                                    parse_csv_delimiter, read_all)
 
 try:  # the `parquet` extra; without it only the Parquet cases skip (see markers.py)
@@ -85,7 +87,7 @@ def test_json_array_is_decoded_across_any_chunk_boundary(tmp_path, monkeypatch, 
     path = tmp_path / "rows.json"
     path.write_text(text, encoding="utf-8")
     for chunk in (1, 5, 64):  # multi-byte characters and escapes split between reads
-        monkeypatch.setattr(records, "_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(source_format, "_CHUNK_BYTES", chunk)
         assert read_all(path) == rows
     (tmp_path / "empty.json").write_text("[ ]")
     assert read_all(tmp_path / "empty.json") == []
@@ -93,7 +95,7 @@ def test_json_array_is_decoded_across_any_chunk_boundary(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("value", ["null", "true", "false", "-12.5e+3", '"\\u00e9\\ud83d\\ude00"', "NaN", "-Infinity", "[]"])
 def test_json_values_cut_by_the_buffer_end_are_read_whole(tmp_path, monkeypatch, value):
-    monkeypatch.setattr(records, "_CHUNK_BYTES", 1)  # the buffer then ends 1, 2, 4, 8, ... characters into a row
+    monkeypatch.setattr(source_format, "_CHUNK_BYTES", 1)  # the buffer then ends 1, 2, 4, 8, ... characters into a row
     path = tmp_path / "v.json"
     rows = [{"pad": "x" * pad, "v": value} for pad in range(40)]  # the value at every offset around 16 and 32
     path.write_text("[" + ",".join(json.dumps(r).replace(json.dumps(value), value) for r in rows) + "]")
@@ -128,7 +130,7 @@ def test_with_columns_replaces_and_appends(tmp_path, sample_rows):
 def test_parquet_is_read_in_batches_with_a_column_subset(tmp_path, monkeypatch, sample_rows):
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(sample_rows), path, row_group_size=10)
-    monkeypatch.setattr(records, "_PARQUET_BATCH_ROWS", 4)
+    monkeypatch.setattr(parquet_format, "_PARQUET_BATCH_ROWS", 4)
     got = list(open_reader(path).rows(columns=["laion_2b"]))
     assert [i for i, _ in got] == list(range(len(sample_rows)))
     assert [r for _, r in got] == [{"laion_2b": r["laion_2b"]} for r in sample_rows]
@@ -259,7 +261,7 @@ def test_parquet_holds_one_batch_not_the_file(tmp_path, monkeypatch):
     rng = random.Random(0)
     table = pa.table({"laion_2b": [rng.randbytes(250).hex() for _ in range(20_000)], "laion_coco": ["s"] * 20_000})
     pq.write_table(table, tmp_path / "big.parquet", row_group_size=500)
-    monkeypatch.setattr(records, "_PARQUET_BATCH_ROWS", 500)
+    monkeypatch.setattr(parquet_format, "_PARQUET_BATCH_ROWS", 500)
     base = pa.total_allocated_bytes()
     rows = open_reader(tmp_path / "big.parquet").rows()
     first = list(itertools.islice(rows, 3))
@@ -271,7 +273,7 @@ def test_parquet_holds_one_batch_not_the_file(tmp_path, monkeypatch):
 
 _PEAK_CHILD = """
 import json, sys
-from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.formats import read_all
 from capsfuse_lite.errors import InputFileError
 
 def hwm_kib():
@@ -319,7 +321,7 @@ def test_a_20_mb_json_row_parses_in_linear_work(tmp_path, monkeypatch):
     path = tmp_path / "long.json"
     path.write_text('[{"laion_2b": "' + "x" * (20 * MiB) + '", "laion_coco": "y"},\n{"laion_2b": "a", "laion_coco": "b"}]')
     counter = CountingDecoder()
-    monkeypatch.setattr(records, "_DECODER", counter)
+    monkeypatch.setattr(json_format, "_DECODER", counter)
     rows = read_all(path)
     assert len(rows[0]["laion_2b"]) == 20 * MiB and rows[1] == {"laion_2b": "a", "laion_coco": "b"}
     # Refilling 1 MiB at a time and decoding from the row start each time costs ~10x the file here
@@ -334,8 +336,8 @@ def test_a_20_mb_json_row_parses_in_linear_work(tmp_path, monkeypatch):
     ("open.csv", 'a,b\nx,y\n"unclosed,z\n' + "more text\n" * 1000, "line 3: row longer than"),
 ])
 def test_a_row_over_the_size_limit_is_an_error(tmp_path, monkeypatch, name, text, where):
-    monkeypatch.setattr(records, "MAX_ROW_CHARS", 1000)
-    monkeypatch.setattr(records, "_CHUNK_BYTES", 64)
+    monkeypatch.setattr(source_format, "MAX_ROW_CHARS", 1000)
+    monkeypatch.setattr(source_format, "_CHUNK_BYTES", 64)
     (tmp_path / name).write_text(text)
     assert where in _fail(tmp_path / name)
 
@@ -353,7 +355,7 @@ def test_a_row_over_the_size_limit_is_an_error(tmp_path, monkeypatch, name, text
     ("bad.json.gz", '[\n{"a": "x"},\n\n{"a": "\xff"}]', "line 4: not valid UTF-8", MiB),  # one chunk
 ])
 def test_compressed_inputs_name_the_right_line(tmp_path, monkeypatch, name, text, where, chunk):
-    monkeypatch.setattr(records, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(source_format, "_CHUNK_BYTES", chunk)
     path = tmp_path / name
     data = text.encode("utf-8").replace("\xff".encode(), b"\xff")
     path.write_bytes(compress(data, detect_compression(path)))
@@ -478,7 +480,7 @@ def test_utf16_file_is_named_as_such(tmp_path, name):
 
 
 def test_json_file_of_objects_instead_of_an_array(tmp_path, monkeypatch):
-    monkeypatch.setattr(records, "_CHUNK_BYTES", 4)
+    monkeypatch.setattr(source_format, "_CHUNK_BYTES", 4)
     path = tmp_path / "one.json"
     path.write_text('{\n  "laion_2b": "x",\n  "laion_coco": "y"\n}\n')
     assert read_all(path) == [{"laion_2b": "x", "laion_coco": "y"}]  # one object: one row
@@ -516,7 +518,7 @@ def test_empty_files(tmp_path, name, content, result):
     ('[{"a": "x\ny"}]', "line 1, row 0", "Invalid control character"),
 ])
 def test_malformed_json_names_line_and_problem(tmp_path, monkeypatch, text, where, problem):
-    monkeypatch.setattr(records, "_CHUNK_BYTES", 3)
+    monkeypatch.setattr(source_format, "_CHUNK_BYTES", 3)
     path = tmp_path / "bad.json"
     path.write_text(text)
     message = _fail(path)

@@ -18,12 +18,13 @@ from fake_fuser import FakeFactory, fake_caption
 from typer.testing import CliRunner
 
 from capsfuse_lite.run import journal as journal_module
-from capsfuse_lite.formats import records as records_module
+from capsfuse_lite.formats import base as format_base
+from capsfuse_lite.formats import source as format_source
 from capsfuse_lite.run import single as runner_module
 from capsfuse_lite.cli import app
 from capsfuse_lite.errors import DiskSpaceError, OutputWriteError
 from capsfuse_lite.run.journal import journal_path
-from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.formats import read_all
 from capsfuse_lite.run.single import FuseConfig, FuseRun, run_fuse
 from capsfuse_lite.run.outputs import partial_path
 
@@ -81,7 +82,9 @@ def test_disk_full_while_journaling_is_one_error_and_the_rerun_completes(tmp_pat
 
 def test_disk_full_while_writing_the_output_keeps_the_journal(tmp_path, src, monkeypatch):
     out = tmp_path / "out.json"
-    monkeypatch.setattr(records_module, "open", FullDisk(20_000).open, raising=False)
+    full = FullDisk(20_000)
+    for module in (format_base, format_source):  # the writers open files in base, the readers in source
+        monkeypatch.setattr(module, "open", full.open, raising=False)
     with pytest.raises(DiskSpaceError, match=f"disk full while writing {partial_path(out)}.*rerun the same command"):
         run_fuse(FuseConfig(input=src, output=out, model=MODEL, slots=4), fuser_factory=FakeFactory())
     monkeypatch.undo()

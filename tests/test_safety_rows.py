@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from capsfuse_lite.cli import app
 from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.run.progress import Progress
-from capsfuse_lite.formats.records import read_all
+from capsfuse_lite.formats import read_all
 from capsfuse_lite.run.single import FuseConfig, FuseRun, run_fuse
 
 SYNTHETIC = "a photo of a red bicycle leaning against a wall"

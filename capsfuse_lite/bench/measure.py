@@ -134,7 +134,7 @@ def load_pairs(path: str | Path | None = None, *, limit: int | None = None, csv_
 
     Rows without both caption fields are skipped; ``limit`` stops reading early.
     """
-    from capsfuse_lite.formats.records import open_reader
+    from capsfuse_lite.formats import open_reader
 
     path = Path(path) if path is not None else sample_captions_path()
     raw_f, syn_f = defaults.RAW_FIELD, defaults.SYNTHETIC_FIELD

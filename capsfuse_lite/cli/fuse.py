@@ -13,7 +13,7 @@ from capsfuse_lite import defaults
 from capsfuse_lite.cli.common import (HELP_CHAT_TEMPLATE, HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_OUTPUT_FORMAT, HELP_QUIET, HELP_RAW_FIELD,
                          HELP_SYNTHETIC_FIELD, HELP_VERBOSE, help_threads)
 from capsfuse_lite.engine.plan import DEFAULT_KNEE
-from capsfuse_lite.formats.records import csv_delimiter_name, parse_csv_delimiter
+from capsfuse_lite.formats import csv_delimiter_name, parse_csv_delimiter
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process killed by SIGTERM

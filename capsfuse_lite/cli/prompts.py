@@ -52,7 +52,7 @@ def prompts(
     from capsfuse_lite.models import resolve_model
     from capsfuse_lite.files import make_output_folder
     from capsfuse_lite.engine.prompts import PreviewSummary, preview_records
-    from capsfuse_lite.formats.records import open_reader
+    from capsfuse_lite.formats import open_reader
     from capsfuse_lite.run.single import caption_pair, check_writable_folder
 
     with user_errors():

@@ -54,7 +54,8 @@ from typing import Any, Callable, Iterator
 from capsfuse_lite.errors import CapsfuseError, ConfigError, DiskSpaceError, InputFileError, OutputExistsError
 from capsfuse_lite.run.journal import journal_path, mark_replacing
 from capsfuse_lite.run.progress import Progress
-from capsfuse_lite.formats.records import _EXTENSIONS, detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
+from capsfuse_lite.formats import detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
+from capsfuse_lite.formats.base import _EXTENSIONS
 from capsfuse_lite.run.single import COUNTS, FuseConfig, FuseRun, RowCounts, check_model_file, check_writable_folder, default_fuser_factory, fuser_kwargs, settings_fingerprint
 from capsfuse_lite.run.outputs import meta_path
 

@@ -92,7 +92,7 @@ def finished_output(cfg: Any, *, output_format: str, input_format: str, model_sh
     ``cfg.model`` is the ``--model`` given, or None for the default model; ``model_sha256`` its
     hash when the caller has it (a dataset hashes the model once)."""
     from capsfuse_lite.models import DEFAULT_MODEL_FILE, default_model_path, file_sha256
-    from capsfuse_lite.formats.records import parse_csv_delimiter
+    from capsfuse_lite.formats import parse_csv_delimiter
 
     out = Path(cfg.output)
     redo = "pass --force to redo it (or choose another -o)"

@@ -44,7 +44,7 @@ from capsfuse_lite.files import remove_quietly, replace_atomically, unencodable_
 from capsfuse_lite.run.journal import RESUME_HINT, Journal, journal_path
 from capsfuse_lite.run.outputs import meta_path, partial_path
 from capsfuse_lite.run.progress import Progress
-from capsfuse_lite.formats.records import (Layout, RecordReader, detect_compression, detect_format, import_zstandard, open_reader, open_writer,
+from capsfuse_lite.formats import (Layout, RecordReader, detect_compression, detect_format, import_zstandard, open_reader, open_writer,
                       parse_csv_delimiter)
 
 FINISH_COLUMN = "finish_reason"
@@ -384,7 +384,7 @@ class FuseRun:
                 return None
         check_writable_folder(cfg.output)
         if self.output_format == "parquet":
-            from capsfuse_lite.formats.records import import_pyarrow
+            from capsfuse_lite.formats import import_pyarrow
 
             import_pyarrow()
         if detect_compression(cfg.output) == "zstd":
