@@ -1,4 +1,4 @@
-"""`capsfuse-lite fuse` and `capsfuse-lite merge`: thin typer commands over runner and shards."""
+"""`capsfuse-lite fuse` and `capsfuse-lite merge`: thin typer commands over :mod:`capsfuse_lite.run`."""
 
 from __future__ import annotations
 
