@@ -31,9 +31,9 @@ def _enum_name(enum: type, value: Any) -> str:
 
 
 def gpu_offload_supported() -> bool:
-    import llama_cpp
+    from capsfuse_lite.engine.llama import supports_gpu_offload  # loads llama.cpp (only when asked)
 
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return supports_gpu_offload()
 
 
 def describe_gguf(path: str | Path, *, check_gpu: bool = True) -> dict[str, Any]:

@@ -1,10 +1,8 @@
-"""k-quant and q4_0 outputs through llama.cpp's own quantizer (``llama_model_quantize``)."""
+"""k-quant and q4_0 outputs through llama.cpp's own quantizer (``llama_model_quantize``, called
+through :mod:`capsfuse_lite.engine.llama`, the one owner of llama.cpp's C API)."""
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import os
 from pathlib import Path
 
 from capsfuse_lite.errors import ModelLoadError
@@ -15,14 +13,8 @@ from .llama import LLAMA_QUANT_TYPES
 
 def quantize_with_llama_cpp(source: Path, dest: Path, out_type: str, n_threads: int | None = None) -> None:
     """Quantize the GGUF ``source`` (F16/BF16/F32) into ``dest`` with llama.cpp's mix for ``out_type``."""
-    import llama_cpp
+    from capsfuse_lite.engine.llama import quantize_model  # loads llama.cpp (only when quantizing)
 
-    # llama-cpp-python prints llama.cpp's log lines while its logger is below ERROR.
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(LLAMA_QUANT_TYPES[out_type])
-    params.nthread = n_threads or default_threads()
-    rc = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(dest), ctypes.byref(params))
+    rc = quantize_model(source, dest, LLAMA_QUANT_TYPES[out_type], n_threads or default_threads())
     if rc != 0:
         raise ModelLoadError(f"{source}: llama.cpp could not quantize the intermediate GGUF to {out_type} (code {rc})")

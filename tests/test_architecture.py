@@ -124,3 +124,18 @@ def test_the_checks_see_the_package():
     g = graph()
     assert f"{PACKAGE}.engine.llama" in g and f"{PACKAGE}.convert.writer" in g
     assert f"{PACKAGE}.engine.llama" in g[f"{PACKAGE}.engine.fuser"]
+
+
+def test_only_engine_llama_touches_llama_cpp():
+    """One module owns llama.cpp's C API. Two others may import llama-cpp-python, for what is not the
+    C API: the bench's baseline *is* its high-level ``Llama`` class, and machine.py reads its version."""
+    allowed = {f"{PACKAGE}.engine.llama", f"{PACKAGE}.bench.baselines", f"{PACKAGE}.machine"}
+    users = set()
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(name == "llama_cpp" or name.startswith("llama_cpp.") for name in names):
+                users.add(module)
+    assert f"{PACKAGE}.engine.llama" in users
+    assert users <= allowed, sorted(users - allowed)

@@ -146,6 +146,16 @@ def supports_gpu_offload() -> bool:
     return bool(_lib().llama_supports_gpu_offload())
 
 
+def quantize_model(source: Path, dest: Path, ftype: int, n_threads: int) -> int:
+    """llama.cpp's own quantizer (``llama_model_quantize``): the GGUF ``source`` into ``dest`` with
+    llama.cpp's tensor mix for ``ftype`` (a ``LLAMA_FTYPE_*``); returns its code (0: done)."""
+    lib = _lib()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = int(n_threads)
+    return int(lib.llama_model_quantize(os.fsencode(source), os.fsencode(dest), ctypes.byref(params)))
+
+
 def max_parallel_sequences() -> int:
     """The largest ``n_seq_max`` this llama.cpp build accepts."""
     return int(_lib().llama_max_parallel_sequences())
