@@ -118,7 +118,7 @@ fi
 if [ $GPU ]; then cp -a "$WORK"/cuda-libs/*.so* "$LIB/"; fi
 export LD_LIBRARY_PATH="$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"  # llama-batched-bench's libraries
 python - <<'PY' 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off at the deadline)"
-from capsfuse_lite.llama import devices, libstdcxx_hazard, supports_gpu_offload
+from capsfuse_lite.engine.llama import devices, libstdcxx_hazard, supports_gpu_offload
 print("gpu offload:", supports_gpu_offload(), "| private libstdc++ in:", libstdcxx_hazard())
 for d in devices():
     print(f"device {d['name']}: {d['description']} {d['free'] / 2**30:.1f}/{d['total'] / 2**30:.1f} GiB free")
@@ -182,7 +182,7 @@ if step nbatch 60; then
   timeout "$STEP_T" python - "$MODEL" "$NB_SLOTS" "$ROWS" <<'PY' 2>&1 | tee -a "$RES/log.txt" || log "exit $?"
 import sys, time
 from capsfuse_lite import Fuser
-from capsfuse_lite.bench import load_pairs, repeat_to
+from capsfuse_lite.bench.measure import load_pairs, repeat_to
 model, slots, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pairs = repeat_to(load_pairs(), rows)
 for n_batch in (None, 2048, None, 2048):
@@ -223,7 +223,7 @@ with Fuser('$TINY', slots=2) as f:
   done_ import-order
 fi
 if step fuse-auto 40; then  # what --slots auto picks here, and the line that says why
-  SAMPLE=$(cd "$WORK" && python -c "from capsfuse_lite.bench import sample_captions_path; print(sample_captions_path())")
+  SAMPLE=$(cd "$WORK" && python -c "from capsfuse_lite.bench.measure import sample_captions_path; print(sample_captions_path())")
   timeout "$STEP_T" capsfuse-lite fuse "$SAMPLE" -o "$WORK/fused.jsonl" --model "$MODEL" --force --verbose 2>&1 \
     | grep -v "^llama_\|^load\|^print_info\|^ggml_\|^graph_\|^sched_" | tail -15 | tee -a "$RES/log.txt" || log "exit $?"
   python -c "import json; s = json.load(open('$WORK/fused.jsonl.meta.json'))['settings']; print(s['slots_reason'])" \
