@@ -154,7 +154,8 @@ def fuse(
     from capsfuse_lite.run.dataset import is_dataset
     from capsfuse_lite.models import resolve_model, terminal_confirm
     from capsfuse_lite.run.progress import make_progress
-    from capsfuse_lite.run.single import FuseConfig, FuseRun, parse_shard, parse_slots
+    from capsfuse_lite.run.config import FuseConfig, parse_shard, parse_slots
+    from capsfuse_lite.run.single import FuseRun
 
     with user_errors():
         options = _given_options(ctx)
