@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from capsfuse_lite.bench import model as bm
 from capsfuse_lite import defaults as D
 from capsfuse_lite.cli import app
-from capsfuse_lite.convert.gguf_metadata import GGUFArray, read_gguf_metadata, read_gguf_tensors
+from capsfuse_lite.convert.gguf_metadata import read_gguf_metadata, read_gguf_tensors
 from capsfuse_lite.errors import ConfigError, OutputExistsError
 
 TYPES = ("q4_k_m", "q4_0", "q8_0", "f16")

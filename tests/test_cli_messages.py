@@ -326,7 +326,7 @@ def test_notes_summary_and_bench_table_print_brackets_as_they_are(tmp_path):
 
     from capsfuse_lite.cli.bench import report_table
     from capsfuse_lite.run.progress import RichProgress, print_summary
-    from capsfuse_lite.run.single import RunSummary
+    from capsfuse_lite.run.rows import RunSummary
 
     console = Console(file=io.StringIO(), width=300)
     RichProgress(console).note("loading shard[red].gguf ...")

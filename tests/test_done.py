@@ -178,10 +178,10 @@ def test_a_run_killed_while_publishing_is_finished_by_the_same_command(done, mon
     renamed; a journal left beside a finished output made every rerun point at --resume forever)."""
     from capsfuse_lite.run import journal as journal_module
     from capsfuse_lite import files as files_module
-    from capsfuse_lite.run import single as runner_mod
+    from capsfuse_lite.run import publish as runner_mod
 
     src, out = done
-    real_replace, real_remove = runner_mod.replace_atomically, journal_module.Journal.remove
+    real_replace = runner_mod.replace_atomically
     renames = []
 
     def replace(tmp, final):

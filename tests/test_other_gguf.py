@@ -147,7 +147,7 @@ def test_fuse_says_in_one_line_that_the_model_is_not_capsfus_llama(chat_gguf, sa
 
 def test_a_journal_made_with_one_chat_template_choice_does_not_resume_the_other(chat_gguf, bos_gguf, tmp_path):
     from capsfuse_lite.models import gguf_defaults
-    from capsfuse_lite.run.single import FuseConfig, settings_fingerprint
+    from capsfuse_lite.run.config import FuseConfig, settings_fingerprint
 
     for (path, _), differs in ((chat_gguf, True), (bos_gguf, False)):  # bos.gguf has no chat template
         meta = gguf_defaults(path)

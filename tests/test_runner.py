@@ -15,7 +15,8 @@ from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError
 from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.run.progress import LogProgress, print_summary
 from capsfuse_lite.formats import read_all
-from capsfuse_lite.run.single import FuseConfig, FuseRun, parse_shard, run_fuse
+from capsfuse_lite.run.config import parse_shard
+from capsfuse_lite.run.single import FuseConfig, FuseRun, run_fuse
 from capsfuse_lite.run.outputs import meta_path
 from capsfuse_lite.run.merge import merge_shards
 

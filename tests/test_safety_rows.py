@@ -148,6 +148,6 @@ def test_prompts_skips_the_rows_fuse_skips(tmp_path, tiny_gguf_q8):
 
 
 def test_the_pair_key_is_defined_for_any_text():
-    from capsfuse_lite.run.single import pair_key
+    from capsfuse_lite.run.rows import pair_key
 
     assert pair_key(" \ud800 ", "x") == pair_key("\ud800", "x") != pair_key("\udfff", "x")

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from capsfuse_lite import defaults
-from capsfuse_lite.cli.common import (HELP_CHAT_TEMPLATE, HELP_CSV_DELIMITER, HELP_FORCE, HELP_INPUT_FORMAT, HELP_OUTPUT_FORMAT, HELP_QUIET, HELP_RAW_FIELD,
+from capsfuse_lite.cli.common import (HELP_CHAT_TEMPLATE, HELP_FORCE, HELP_INPUT_FORMAT, HELP_OUTPUT_FORMAT, HELP_QUIET, HELP_RAW_FIELD,
                          HELP_SYNTHETIC_FIELD, HELP_VERBOSE, help_threads)
 from capsfuse_lite.engine.plan import DEFAULT_KNEE
 from capsfuse_lite.formats import csv_delimiter_name, parse_csv_delimiter
@@ -154,7 +154,8 @@ def fuse(
     from capsfuse_lite.run.dataset import is_dataset
     from capsfuse_lite.models import resolve_model, terminal_confirm
     from capsfuse_lite.run.progress import make_progress
-    from capsfuse_lite.run.single import FuseConfig, FuseRun, parse_shard, parse_slots
+    from capsfuse_lite.run.config import FuseConfig, parse_shard, parse_slots
+    from capsfuse_lite.run.single import FuseRun
 
     with user_errors():
         options = _given_options(ctx)

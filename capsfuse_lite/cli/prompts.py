@@ -53,7 +53,8 @@ def prompts(
     from capsfuse_lite.files import make_output_folder
     from capsfuse_lite.engine.prompts import PreviewSummary, preview_records
     from capsfuse_lite.formats import open_reader
-    from capsfuse_lite.run.single import caption_pair, check_writable_folder
+    from capsfuse_lite.run.config import check_writable_folder
+    from capsfuse_lite.run.rows import caption_pair
 
     with user_errors():
         if limit is not None and limit < 0:

@@ -61,7 +61,8 @@ from capsfuse_lite.run.dataset import (DatasetConfig, DatasetRun, DatasetSummary
                       finished_outcome, open_shard)
 from capsfuse_lite.errors import CapsfuseError, ConfigError, ModelLoadError
 from capsfuse_lite.run.progress import Progress
-from capsfuse_lite.run.single import default_fuser_factory, fuser_kwargs
+from capsfuse_lite.run.config import fuser_kwargs
+from capsfuse_lite.run.single import default_fuser_factory
 
 RAY_INSTALL = "pip install 'capsfuse-lite[ray]' (on this machine and every node)"
 MAX_RESTARTS = 16  # restarts of one worker before Ray gives it up

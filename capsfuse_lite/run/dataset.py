@@ -43,7 +43,6 @@ written to ``.partial`` and renamed, ``.meta.json``. On top:
 from __future__ import annotations
 
 import glob as _glob
-import json
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -51,12 +50,14 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from capsfuse_lite.errors import CapsfuseError, ConfigError, DiskSpaceError, InputFileError, OutputExistsError
+from capsfuse_lite.errors import CapsfuseError, ConfigError, DiskSpaceError, InputFileError
 from capsfuse_lite.run.journal import journal_path, mark_replacing
 from capsfuse_lite.run.progress import Progress
-from capsfuse_lite.formats import detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
 from capsfuse_lite.formats.base import _EXTENSIONS
-from capsfuse_lite.run.single import COUNTS, FuseConfig, FuseRun, RowCounts, check_model_file, check_writable_folder, default_fuser_factory, fuser_kwargs, settings_fingerprint
+from capsfuse_lite.formats import detect_compression, detect_format, import_pyarrow, import_zstandard, split_compression
+from capsfuse_lite.run.config import FuseConfig, check_writable_folder, fuser_kwargs, settings_fingerprint
+from capsfuse_lite.run.rows import COUNTS, RowCounts
+from capsfuse_lite.run.single import FuseRun, check_model_file, default_fuser_factory
 from capsfuse_lite.run.outputs import meta_path
 
 _OWN_FILES = (".meta.json", ".journal.jsonl")  # written by capsfuse-lite beside each output: never shards
@@ -92,7 +93,7 @@ class Shard:
 
 @dataclass
 class DatasetConfig(FuseConfig):
-    """:class:`~capsfuse_lite.run.single.FuseConfig` for a dataset: ``input`` is a folder or a glob (or
+    """:class:`~capsfuse_lite.run.config.FuseConfig` for a dataset: ``input`` is a folder or a glob (or
     ``inputs`` several files, folders and globs), ``output`` the output folder, ``shard=(I, N)``
     selects files I, I+N, ... of the sorted shard list, and ``limit`` is not available. Every other
     setting applies to each shard."""

@@ -23,7 +23,7 @@ from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError,
 from capsfuse_lite.files import replace_atomically
 from capsfuse_lite.files import check_output_folder, make_output_folder
 from capsfuse_lite.formats import Layout, detect_compression, detect_format, merge_kinds, open_reader, open_writer
-from capsfuse_lite.run.single import parse_shard
+from capsfuse_lite.run.config import parse_shard
 from capsfuse_lite.run.outputs import meta_path, partial_path
 from capsfuse_lite.files import write_json_atomic
 

@@ -35,7 +35,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from capsfuse_lite.errors import ConfigError, OutputExistsError, write_error
+from capsfuse_lite.errors import ConfigError, OutputExistsError
 
 
 def meta_path(output: str | Path) -> Path:
@@ -86,7 +86,7 @@ def unfinished_journal(output: str | Path) -> bool:
 
 
 def finished_output(cfg: Any, *, output_format: str, input_format: str, model_sha256: str | None = None) -> str:
-    """``cfg`` (a :class:`~capsfuse_lite.run.single.FuseConfig`) names an existing OUTPUT: return the
+    """``cfg`` (a :class:`~capsfuse_lite.run.config.FuseConfig`) names an existing OUTPUT: return the
     one line saying it is already complete for this command, or raise
     :class:`~capsfuse_lite.errors.OutputExistsError` saying why it is not and how to redo it.
     ``cfg.model`` is the ``--model`` given, or None for the default model; ``model_sha256`` its

@@ -28,249 +28,21 @@ the file, with the journal kept for the resume.
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import itertools
 import json
-import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from capsfuse_lite import __version__, defaults
-from capsfuse_lite.errors import ConfigError, InputFileError, OutputExistsError, write_error
-from capsfuse_lite.files import remove_quietly, replace_atomically, unencodable_at, writable, write_json_atomic
-from capsfuse_lite.run.journal import RESUME_HINT, Journal, journal_path
-from capsfuse_lite.run.outputs import meta_path, partial_path
+from capsfuse_lite.errors import ConfigError, OutputExistsError
+from capsfuse_lite.files import write_json_atomic
+from capsfuse_lite.formats import Layout, RecordReader, detect_compression, detect_format, import_zstandard, open_reader
+from capsfuse_lite.run.config import FuseConfig, check_writable_folder, fuser_kwargs, settings_fingerprint
+from capsfuse_lite.run.journal import Journal, journal_path
+from capsfuse_lite.run.outputs import meta_path
 from capsfuse_lite.run.progress import Progress
-from capsfuse_lite.formats import (Layout, RecordReader, detect_compression, detect_format, import_zstandard, open_reader, open_writer,
-                      parse_csv_delimiter)
-
-FINISH_COLUMN = "finish_reason"
-STATUS_COLUMN = "status"
-ERROR_COLUMN = "error"
-STATUS_OK = "ok"
-STATUS_SKIPPED = "skipped"
-RESERVED_COLUMNS = (FINISH_COLUMN, STATUS_COLUMN, ERROR_COLUMN)  # written by every run: not for --output-field
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 0/4 (shard I of N, counting from 0)") from None
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"--shard {text!r}: need 0 <= I < N (shards are numbered 0 .. N-1)")
-    return i, n
-
-
-def parse_slots(text: str | int | None) -> int | str:
-    """``--slots``: ``auto`` or a positive integer."""
-    if text is None or text == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--slots {text!r}: give a number of rows decoded at once, e.g. --slots 32, or auto") from None
-    if value < 1:
-        raise ConfigError(f"--slots must be at least 1, got {value}")
-    return value
-
-
-def caption_pair(row: dict, raw_field: str, synthetic_field: str) -> tuple[str, str, str | None]:
-    """``(raw, synthetic, None)`` for a usable row, else ``("", "", reason)``."""
-    values = []
-    for name in (raw_field, synthetic_field):
-        if name not in row:
-            return "", "", f"missing field {name!r}"
-        value = row[name]
-        if value is None:
-            return "", "", f"field {name!r} is null"
-        if not isinstance(value, str):
-            return "", "", f"field {name!r} is not a string ({type(value).__name__})"
-        if not value.strip():
-            return "", "", f"field {name!r} is empty"
-        bad = unencodable_at(value)
-        if bad is not None:
-            return "", "", (f"field {name!r} is not valid Unicode text (a lone surrogate U+{ord(value[bad]):04X} "
-                            f"at character {bad})")
-        values.append(value)
-    return values[0], values[1], None
-
-
-def pair_key(raw: str, synthetic: str) -> bytes:
-    """Dedupe and resume key of a caption pair: the engine sees both captions stripped. Defined for
-    any text (lone surrogates included), so computing it can never stop a run."""
-    text = f"{raw.strip()}\x00{synthetic.strip()}"
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def result_columns(output_field: str, entry: dict | None, reason: str | None) -> dict:
-    """The columns a run adds to a row: from its journal ``entry``, or skipped with ``reason``."""
-    if reason is None and entry is not None and entry.get("error"):
-        reason = entry["error"]  # the engine could not fuse it (e.g. the tokenizer refused a caption)
-    if reason is not None:
-        return {output_field: None, FINISH_COLUMN: None, STATUS_COLUMN: STATUS_SKIPPED, ERROR_COLUMN: reason}
-    return {output_field: entry["text"], FINISH_COLUMN: entry["finish_reason"], STATUS_COLUMN: STATUS_OK,
-            ERROR_COLUMN: None}
-
-
-def journal_entry(result: Any) -> dict:
-    """What the journal keeps of an engine result (``FuseResult``)."""
-    error = getattr(result, "error", None)
-    if error:
-        return {"text": None, "finish_reason": None, "error": str(error), "prompt_tokens": 0,
-                "generated_tokens": 0, "truncated": False}
-    return {"text": result.text, "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-            "generated_tokens": len(result.token_ids), "truncated": bool(result.truncated)}
-
-
-def check_writable_folder(output: Path) -> None:
-    """Fail now, with one line, if ``output`` cannot be created (read-only folder, no permission),
-    instead of after the model work; a missing folder is fine (see :mod:`capsfuse_lite.run.outputs`)."""
-    from capsfuse_lite.files import check_output_folder
-
-    check_output_folder(output)
-
-
-@dataclass
-class FuseConfig:
-    input: str | Path
-    output: str | Path
-    model: str | Path | None = None  # a GGUF path (see models.resolve_model)
-    input_format: str | None = None
-    output_format: str | None = None
-    csv_delimiter: str | None = None  # CSV input, and CSV output (default: the CSV input's, else ",")
-    raw_field: str = defaults.RAW_FIELD
-    synthetic_field: str = defaults.SYNTHETIC_FIELD
-    output_field: str = defaults.OUTPUT_FIELD
-    slots: int | str = "auto"  # rows decoded at once, or "auto" (see capsfuse_lite.engine.plan)
-    beams: int | None = None
-    max_new_tokens: int | None = None
-    n_gpu_layers: int | None = None
-    n_ctx: int | None = None
-    n_threads: int | None = None
-    kv_type: str | None = None  # the engine's KV cache element type (f16 by default)
-    chat_template: str = "none"  # "auto": the prompt inside the GGUF's own chat template (defaults.CHAT_TEMPLATES)
-    limit: int | None = None
-    shard: tuple[int, int] | None = None
-    resume: bool = False
-    force: bool = False
-    command: str | None = None  # the command line, recorded in the meta file
-
-    def __post_init__(self) -> None:
-        self.input, self.output = Path(self.input), Path(self.output)
-        if self.kv_type is not None:
-            from capsfuse_lite.engine.plan import KV_TYPE_BYTES
-
-            if self.kv_type not in KV_TYPE_BYTES:
-                raise ConfigError(f"--kv-type {self.kv_type}: use one of {', '.join(KV_TYPE_BYTES)}")
-        self.slots = parse_slots(self.slots)
-        if self.chat_template not in defaults.CHAT_TEMPLATES:
-            raise ConfigError(f"--chat-template {self.chat_template}: use none (the prompt as it is; CapsFus-LLaMA's) "
-                              "or auto (the GGUF's own chat template around it)")
-        flags = {"beams": "--beams", "max_new_tokens": "--max-new-tokens", "n_ctx": "--ctx",
-                 "n_threads": "--threads"}
-        for name, flag in flags.items():
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} must be at least 1, got {value}")
-        if self.limit is not None and self.limit < 0:
-            raise ConfigError(f"--limit must be 0 or more, got {self.limit}")
-        if self.resume and self.force:
-            raise ConfigError("--resume and --force contradict each other (--force discards the journal and starts over)")
-        if self.csv_delimiter is not None:
-            self.csv_delimiter = parse_csv_delimiter(self.csv_delimiter)
-        if len({self.raw_field, self.synthetic_field}) < 2:
-            raise ConfigError("--raw-field and --synthetic-field name the same column")
-        if not self.output_field:
-            raise ConfigError("--output-field must name a column")
-        if self.output_field in RESERVED_COLUMNS:
-            raise ConfigError(f"--output-field {self.output_field!r} is reserved: every run writes its own "
-                              f"{', '.join(RESERVED_COLUMNS)} columns beside the fused caption; choose another name")
-        if self.output_field in (self.raw_field, self.synthetic_field):
-            raise ConfigError(f"--output-field {self.output_field!r} is an input caption column: the fused caption "
-                              "would overwrite it; choose another name")
-
-
-def skip_reason_kind(reason: str) -> str:
-    """A skipped row's ``error`` without its particulars, to count rows by reason: ``field 'x' is not a
-    string (int)`` -> ``field 'x' is not a string``."""
-    return reason.split(" (", 1)[0]
-
-
-@dataclass
-class RowCounts:
-    """Row and token counts and timing of a run: one file (RunSummary) or a dataset. The one set of
-    counts the progress display, the summary and the meta file all show.
-
-    Every selected row done so far is counted once, by how it got done: ``rows_resumed`` (found in the
-    journal at start, whatever its status), or by this process: ``rows_skipped`` (unusable captions, or
-    refused by the tokenizer), ``rows_fused`` (by the model) or ``rows_reused`` (an identical pair's
-    result). ``rows_total - rows_done`` rows are left. ``skipped_reasons`` counts the rows whose status
-    is ``skipped`` by reason (their ``error`` column, particulars left out): of the whole output once it
-    is written, else of this process's skipped rows."""
-
-    rows_total: int = 0  # rows selected by limit/shard
-    rows_resumed: int = 0  # found done in the journal at start
-    rows_fused: int = 0  # generated by the model in this process
-    rows_reused: int = 0  # filled from an identical pair (in flight or journaled)
-    rows_skipped: int = 0  # skipped by this process
-    skipped_reasons: dict = field(default_factory=dict)
-    truncated_prompts: int = 0
-    length_cut: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    wall_s: float = 0.0
-    fuse_s: float = 0.0
-    model: dict = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def rows_this_run(self) -> int:
-        """Rows finished by this process (fused, reused or skipped), resumed rows not counted."""
-        return self.rows_fused + self.rows_reused + self.rows_skipped
-
-    @property
-    def rows_done(self) -> int:
-        return self.rows_resumed + self.rows_this_run
-
-    @property
-    def rows_per_s(self) -> float:
-        """Rows finished by this process per second, skipped rows included (as the progress display)."""
-        return self.rows_this_run / self.fuse_s if self.fuse_s > 0 else 0.0
-
-    def skip(self, reason: str, rows: int = 1) -> None:
-        """``rows`` rows skipped by this process for ``reason``."""
-        self.rows_skipped += rows
-        self.count_reason(reason, rows)
-
-    def count_reason(self, reason: str, rows: int = 1) -> None:
-        kind = skip_reason_kind(reason)
-        self.skipped_reasons[kind] = self.skipped_reasons.get(kind, 0) + rows
-
-    @property
-    def generated_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.fuse_s if self.fuse_s > 0 else 0.0
-
-
-COUNTS = ("rows_total", "rows_resumed", "rows_fused", "rows_reused", "rows_skipped", "truncated_prompts", "length_cut",
-          "prompt_tokens", "generated_tokens")
-
-
-def skipped_section(counts: RowCounts) -> dict:
-    """The meta file's ``skipped``: rows of the output whose status is ``skipped``, by reason."""
-    return {"rows": sum(counts.skipped_reasons.values()), "by_reason": dict(sorted(counts.skipped_reasons.items())),
-            "why": f"each skipped row's {ERROR_COLUMN!r} column"}
-
-
-@dataclass
-class RunSummary(RowCounts):
-    output: Path | None = None
-    complete: bool = False
-    already_done: str | None = None  # OUTPUT was already complete for this config: the line saying so
+from capsfuse_lite.run.publish import assemble, output_meta, publish
+from capsfuse_lite.run.rows import RESERVED_COLUMNS, RunSummary, caption_pair, journal_entry, pair_key
 
 
 def check_model_file(path: Path, max_new_tokens: int | None) -> dict:
@@ -289,41 +61,6 @@ def check_model_file(path: Path, max_new_tokens: int | None) -> dict:
             f"exceeds the {trained} positions {path.name} was trained for; use at most "
             f"{max(trained - meta['max_input_tokens'], 0)} (--max-new-tokens)")
     return meta
-
-
-def settings_fingerprint(cfg: FuseConfig, meta: dict, model_sha256: str) -> dict:
-    """The part of a journal's fingerprint that every file of a run shares: model, decoding, fields."""
-    return {
-        "model_sha256": model_sha256,
-        "beams": cfg.beams if cfg.beams is not None else meta["num_beams"],
-        "max_new_tokens": cfg.max_new_tokens if cfg.max_new_tokens is not None else meta["max_new_tokens"],
-        "length_offset": meta["length_offset"],
-        "max_input_tokens": meta["max_input_tokens"],
-        "prompt_template": _template_sha256(cfg, meta),
-        "raw_field": cfg.raw_field,
-        "synthetic_field": cfg.synthetic_field,
-    }
-
-
-def _template_sha256(cfg: FuseConfig, meta: dict) -> str:
-    """The prompt template's sha256 as the model sees it (inside its chat template with
-    ``--chat-template auto``): a resume or rerun with the other choice is another prompt."""
-    if cfg.chat_template == "none":
-        return meta["prompt_template_sha256"]
-    from capsfuse_lite.engine.fuser import effective_template_sha256
-
-    return effective_template_sha256(meta, cfg.chat_template, str(cfg.model))
-
-
-def fuser_kwargs(cfg: FuseConfig, fingerprint: dict) -> dict:
-    """Keyword arguments for the engine (``Fuser``) of a run with ``cfg`` and ``fingerprint``."""
-    kwargs = {k: getattr(cfg, k) for k in ("slots", "n_gpu_layers", "n_ctx", "n_threads", "kv_type")}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    kwargs["beams"] = fingerprint["beams"]
-    kwargs["max_new_tokens"] = fingerprint["max_new_tokens"]
-    if cfg.chat_template != "none":
-        kwargs["chat_template"] = cfg.chat_template
-    return kwargs
 
 
 def default_fuser_factory(model_path: Path, **kwargs):
@@ -651,91 +388,17 @@ class FuseRun:
         summary.model.update({k: v for k, v in info.items() if k not in summary.model or summary.model[k] is None})
         summary.settings.update(settings)
 
-    # -- phase 3: the output -----------------------------------------------------------------
+
+    # -- phase 3: the output (capsfuse_lite.run.publish) -------------------------------------
 
     def _assemble(self, journal: Journal, summary: RunSummary) -> None:
-        """Stream the input again, join the journaled results by index, write OUTPUT.partial."""
-        cfg = self.config
-        added = {cfg.output_field: "string", FINISH_COLUMN: "string", STATUS_COLUMN: "string", ERROR_COLUMN: "string"}
-        selected = self.selected
-        tmp = partial_path(cfg.output)
-        results = journal.results()
-        current = next(results, None)
-        summary.truncated_prompts = summary.length_cut = 0  # of the whole output, resumed rows included
-        summary.skipped_reasons = {}
-        try:
-            with open_writer(tmp, self.output_format, self.layout.with_columns(added),
-                             compression=detect_compression(cfg.output), csv_delimiter=cfg.csv_delimiter) as writer:
-                for i, row in self._reader.rows():
-                    if i >= selected.stop:
-                        break
-                    if i % selected.step != selected.start:
-                        continue
-                    while current is not None and current[0] < i:
-                        current = next(results, None)
-                    raw, synthetic, reason = caption_pair(row, cfg.raw_field, cfg.synthetic_field)
-                    entry = None
-                    if reason is None:
-                        if current is None or current[0] != i or current[1].get("h") != pair_key(raw, synthetic).hex():
-                            raise InputFileError(f"{cfg.input}: row {i} has no journaled result for its current captions "
-                                                 "(did the input change during the run?); rerun to fuse it")
-                        entry = current[1]
-                    out = result_columns(cfg.output_field, entry, reason)
-                    if out[STATUS_COLUMN] == STATUS_SKIPPED:
-                        summary.count_reason(out[ERROR_COLUMN])
-                    else:
-                        summary.truncated_prompts += bool(entry.get("truncated"))
-                        summary.length_cut += entry["finish_reason"] == "length"
-                    row = {k: v for k, v in row.items() if k not in out}
-                    row.update(out)
-                    writer.write(writable(row))
-        except OSError as exc:
-            remove_quietly(tmp)
-            raise write_error(exc, tmp, RESUME_HINT) from None
-        except BaseException:
-            remove_quietly(tmp)
-            raise
+        assemble(self, journal, summary)
 
     def _publish(self) -> None:
-        """Rename the finished OUTPUT.partial onto OUTPUT (durably)."""
-        cfg = self.config
-        try:
-            replace_atomically(partial_path(cfg.output), cfg.output)
-        except OSError as exc:
-            raise write_error(exc, cfg.output, RESUME_HINT) from None
+        publish(self.config)
 
     def _meta(self, summary: RunSummary, fingerprint: dict) -> dict:
-        """The meta file of the OUTPUT.partial just assembled."""
-        from capsfuse_lite.models import file_sha256
-
-        cfg = self.config
-        try:
-            output_bytes = partial_path(cfg.output).stat().st_size
-        except OSError as exc:
-            raise write_error(exc, partial_path(cfg.output), RESUME_HINT) from None
-        meta = {
-            "capsfuse_lite": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": cfg.command,
-            "input": {"path": str(cfg.input.resolve()), "format": self.layout.format, "rows": self.layout.rows,
-                      "bytes": self.input_bytes, "sha256": file_sha256(cfg.input)},
-            "csv_delimiter": cfg.csv_delimiter or ",",
-            "output": {"path": str(cfg.output.resolve()), "format": self.output_format, "rows": summary.rows_total,
-                       "bytes": output_bytes},
-            "fields": {"raw": cfg.raw_field, "synthetic": cfg.synthetic_field, "output": cfg.output_field},
-            "selection": {"limit": cfg.limit, "shard": f"{cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else None},
-            "model": summary.model,
-            "settings": {**summary.settings, "max_input_tokens": fingerprint["max_input_tokens"],
-                         "prompt_template_sha256": fingerprint["prompt_template"]},
-            "counts": {k: getattr(summary, k) for k in ("rows_total", "rows_fused", "rows_reused", "rows_resumed",
-                                                        "rows_skipped", "truncated_prompts", "length_cut")},
-            "skipped": skipped_section(summary),
-            "timing": {"wall_s": round(summary.wall_s, 3), "fuse_s": round(summary.fuse_s, 3),
-                       "rows_per_s": round(summary.rows_per_s, 4),
-                       "generated_tokens_per_s": round(summary.generated_tokens_per_s, 2)},
-            "journal_run": self.journal.run_id,
-        }
-        return meta
+        return output_meta(self, summary, fingerprint)
 
 
 def run_fuse(config: FuseConfig, *, progress: Progress | None = None,
@@ -744,11 +407,3 @@ def run_fuse(config: FuseConfig, *, progress: Progress | None = None,
     run = FuseRun(config, progress=progress, fuser_factory=fuser_factory)
     run.prepare()
     return run.execute()
-
-
-def summary_dict(summary: RunSummary) -> dict:
-    out = asdict(summary)
-    out["output"] = str(summary.output)
-    out["rows_per_s"] = summary.rows_per_s
-    out["generated_tokens_per_s"] = summary.generated_tokens_per_s
-    return out
