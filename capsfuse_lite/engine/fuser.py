@@ -211,10 +211,6 @@ class Fuser:
                 kv_unified = True
             shared_min = max(0, common_prefix_length(prefix_ids, probe.token_ids) - 1) if prefix_ids else 0
             on_gpu = bool(gpu and n_gpu_layers != 0)
-            if kv_unified is None and not on_gpu:
-                # on a CPU attention is a small share of a step: one unified cache measured faster
-                # (cpu768 q8_0, 16 greedy slots: 16.0 vs 13.8 rows/s with per-sequence streams)
-                kv_unified = True
             device = _gpu_memory() if on_gpu else None
             gpu_fraction = 1.0 if n_gpu_layers < 0 or n_gpu_layers >= model.n_layer else n_gpu_layers / model.n_layer
             kv_unified, choice = choose_layout(
