@@ -162,7 +162,7 @@ if [ -d "$CARRY/bisect/before" ] && step bisect-before 100; then
   done_ bisect-before
 fi
 if step first-token 40; then
-  (cd benchmarks/gpu && timeout "$STEP_T" python first_token.py "$MODEL" --seqs $PARITY_SLOTS --rows 4 \
+  (cd benchmarks/gpu && timeout "$STEP_T" python first_token.py "$MODEL" --seqs $PARITY_SLOTS --rows 4 --steps 8 \
     --n-gpu-layers $([ $GPU ] && echo -1 || echo 0) --out "$RES/first-token.json") 2>&1 | tee -a "$RES/log.txt" || log "exit $?"
   done_ first-token
 fi
@@ -170,6 +170,13 @@ if step bisect-unified 60; then
   timeout "$STEP_T" $SO --beams 1 --kv-unified true --label now-unified --out "$RES/bisect-unified.json" 2>&1 \
     | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off)"
   done_ bisect-unified
+fi
+if step bisect-streams-no-fa 60; then
+  # on the CPU (SmolLM2, 16 slots) per-sequence streams without flash attention kept 43/47 rows equal
+  # to one slot, against 30/47 by default: does the GPU show the same?
+  timeout "$STEP_T" $SO --beams 1 --kv-unified false --flash-attn false --label now-streams-no-fa \
+    --out "$RES/bisect-streams-no-fa.json" 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off)"
+  done_ bisect-streams-no-fa
 fi
 if step bench-beams 120; then
   timeout "$STEP_T" $BENCH --slots "$BEAM_SLOTS" --beams 3 -o "$RES/bench-beams.json" 2>&1 | tee -a "$RES/log.txt" || log "exit $? (failed, or cut off at the deadline)"

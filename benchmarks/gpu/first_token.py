@@ -8,7 +8,10 @@ largest |logit difference| over the rows, whether the argmax (the greedy first t
 the smallest top-1/top-2 margin among the rows alone. Kernel noise shows as a small difference
 that depends on the setting; a defect (wrong positions, cells from another row) as a large one.
 
-    python benchmarks/gpu/first_token.py MODEL --seqs 64 --rows 4 --out first_token.json
+With ``--steps K`` the rows then decode K tokens, fed the same tokens alone and among the others
+(one token per sequence per decode, as greedy steps do): the same comparison for decode steps.
+
+    python benchmarks/gpu/first_token.py MODEL --seqs 64 --rows 4 --steps 8 --out first_token.json
 """
 
 from __future__ import annotations
@@ -25,14 +28,31 @@ from capsfuse_lite.models import gguf_defaults
 import numpy as np  # noqa: E402
 
 
-def logits_of(ctx: Context, prompts: list[list[int]], which: list[int]) -> dict[int, np.ndarray]:
-    """Decode ``prompts[i]`` as sequence i for each i in ``which`` (one batch); logits of each last token."""
+def logits_of(ctx: Context, prompts: list[list[int]], which: list[int], steps: int = 0,
+              forced: dict[int, list[int]] | None = None) -> tuple[dict[int, list[np.ndarray]], dict[int, list[int]]]:
+    """Decode ``prompts[i]`` as sequence i for each i in ``which`` (one batch), then ``steps`` decode
+    steps of one token per sequence (all sequences in one batch per step): the token of ``forced[i]``
+    where given (so a row is fed the same tokens alone and among others), else the greedy one.
+    Returns, per sequence, the logits after the prompt and after each step, and the tokens fed."""
+    forced = forced or {}
     ctx.clear()
-    with Batch(ctx.n_batch) as batch:
+    logits: dict[int, list[np.ndarray]] = {i: [] for i in which}
+    fed: dict[int, list[int]] = {i: [] for i in which}
+    with Batch(max(ctx.n_batch, len(which))) as batch:
         last = {i: batch.add_sequence(prompts[i], 0, i, logits_last=True) for i in which}
-        ctx.decode(batch)
-        ctx.synchronize()
-        return {i: ctx.logits(index).astype(np.float64) for i, index in last.items()}
+        for step in range(steps + 1):
+            ctx.decode(batch)
+            ctx.synchronize()
+            for i, index in last.items():
+                logits[i].append(ctx.logits(index).astype(np.float64))
+            if step == steps:
+                break
+            batch.clear()
+            for i in which:
+                token = forced[i][step] if i in forced else int(logits[i][-1].argmax())
+                fed[i].append(token)
+                last[i] = batch.add(token, len(prompts[i]) + step, i, True)
+    return logits, fed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--small-ubatch", type=int, default=64)
     parser.add_argument("--n-gpu-layers", type=int, default=-1)
+    parser.add_argument("--steps", type=int, default=0,
+                        help="also compare the logits of this many decode steps (one token per sequence per step)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     report = {"model": str(args.model), "seqs": args.seqs, "rows": args.rows, "settings": []}
@@ -62,17 +84,29 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"{name}: not run ({exc})", flush=True)
                         continue
                     with ctx:
-                        alone = {}
+                        alone, fed = {}, {}
                         for t in targets:
-                            alone.update(logits_of(ctx, prompts, [t]))
-                        among = logits_of(ctx, prompts, list(range(args.seqs)))
-                    diff = max(float(np.abs(alone[t] - among[t]).max()) for t in targets)
-                    moved = sum(int(alone[t].argmax() != among[t].argmax()) for t in targets)
-                    margin = min(float(np.diff(np.sort(alone[t])[-2:])[0]) for t in targets)
+                            got, tokens = logits_of(ctx, prompts, [t], args.steps)
+                            alone.update(got)
+                            fed.update(tokens)
+                        among, _ = logits_of(ctx, prompts, list(range(args.seqs)), args.steps, forced=fed)
+                    first = [alone[t][0] for t in targets]
+                    diff = max(float(np.abs(alone[t][0] - among[t][0]).max()) for t in targets)
+                    moved = sum(int(alone[t][0].argmax() != among[t][0].argmax()) for t in targets)
+                    margin = min(float(np.diff(np.sort(x)[-2:])[0]) for x in first)
                     entry = {"setting": name, "max_abs_diff": diff, "argmax_moved": moved, "min_margin_alone": margin}
+                    line = (f"{name}: alone vs among {args.seqs}: max |dlogit| {diff:.3g}, first token moved on "
+                            f"{moved}/{len(targets)} rows (smallest margin alone {margin:.3g})")
+                    if args.steps:
+                        step_diff = max(float(np.abs(a - b).max()) for t in targets
+                                        for a, b in zip(alone[t][1:], among[t][1:]))
+                        step_moved = sum(int(a.argmax() != b.argmax()) for t in targets
+                                         for a, b in zip(alone[t][1:], among[t][1:]))
+                        entry.update(steps=args.steps, step_max_abs_diff=step_diff, step_argmax_moved=step_moved)
+                        line += (f"; {args.steps} decode steps: max |dlogit| {step_diff:.3g}, argmax moved at "
+                                 f"{step_moved}/{args.steps * len(targets)} steps")
                     report["settings"].append(entry)
-                    print(f"{name}: alone vs among {args.seqs}: max |dlogit| {diff:.3g}, first token moved on "
-                          f"{moved}/{len(targets)} rows (smallest margin alone {margin:.3g})", flush=True)
+                    print(line, flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 
