@@ -121,33 +121,38 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path}: {problems[0]}")
 
 
+def sha256_cache_entry(path: Path) -> Path:
+    """Where :func:`file_sha256` remembers the digest of ``path`` (absolute, resolved): one small
+    file per hashed path, so a dataset of N shards costs N small writes, not N rewrites of one
+    growing file, and concurrent runs (SLURM arrays, Ray workers) never drop each other's entries."""
+    name = hashlib.blake2b(str(path).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return cache_dir() / "sha256" / f"{name}.json"
+
+
 def file_sha256(path: str | Path, *, use_cache: bool = True) -> str:
     """sha256 of a file; remembered in the cache folder by (absolute path, size, mtime)."""
     path = Path(path).resolve()
     st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    store = cache_dir() / "sha256.json"
-    known: dict = {}
+    key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = sha256_cache_entry(path)
     if use_cache:
         try:
-            known = json.loads(store.read_text())
+            known = json.loads(entry.read_text())
         except (OSError, ValueError):
-            known = {}
-        if isinstance(known, dict) and isinstance(known.get(key), str):
-            return known[key]
+            known = None
+        if isinstance(known, dict) and all(known.get(k) == v for k, v in key.items()) and isinstance(known.get("sha256"), str):
+            return known["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     value = digest.hexdigest()
     if use_cache:
-        known = {k: v for k, v in known.items() if not k.startswith(f"{path}|")} if isinstance(known, dict) else {}
-        known[key] = value
         try:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=0))
-            os.replace(tmp, store)
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**key, "sha256": value}, ensure_ascii=True))
+            os.replace(tmp, entry)  # a changed file's entry is replaced, never added beside it
         except OSError:
             pass  # a read-only cache only costs re-hashing next time
     return value

@@ -350,7 +350,7 @@ def test_settings_beyond_the_model_context_are_refused_before_hashing_or_journal
     with pytest.raises(ConfigError, match=r"max_new_tokens=100000: .*4096 positions .*at most 3840"):
         run_fuse(config(tmp_path, rows, max_new_tokens=100_000), fuser_factory=FakeFactory(fail=True))
     assert not journal_path(tmp_path / "out.jsonl").exists()
-    assert not (tmp_path / "cache" / "sha256.json").exists()  # the model was not hashed
+    assert not (tmp_path / "cache" / "sha256").exists()  # the model was not hashed
 
 
 # -- merge: only parts provably complete, disjoint and ordered --------------------------------------

@@ -114,7 +114,7 @@ def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, src, mon
         assert one_error_line(result) == f"error: cannot write {disk / 'out.jsonl'}: {disk} is read-only; choose another output folder"
         result = CliRunner().invoke(app, ["prompts", str(src), "-o", str(disk / "p.jsonl"), "--model", str(MODEL)])
         assert "read-only" in one_error_line(result)
-    assert not (tmp_path / "cache" / "sha256.json").exists()  # the model was not even hashed
+    assert not (tmp_path / "cache" / "sha256").exists()  # the model was not even hashed
 
 
 def test_an_unwritable_folder_is_refused_before_any_work_injected(tmp_path, src, monkeypatch):

@@ -60,7 +60,7 @@ def refused_before_work(result, tmp_path, message: str) -> None:
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.stderr.count("\n") == 1 and message in " ".join(result.stderr.split()), result.stderr
     assert not journal_path(tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl").exists()
-    assert not (tmp_path / "cache" / "sha256.json").exists()  # the model was not hashed
+    assert not (tmp_path / "cache" / "sha256").exists()  # the model was not hashed
 
 
 def test_a_gguf_of_another_architecture_is_refused_by_fuse_and_prompts(tmp_path, tiny_gguf_q8, captions):
@@ -143,3 +143,39 @@ def test_closing_a_model_before_its_context_cannot_crash(tmp_path, tiny_gguf_q8)
     lines = done.stdout.splitlines()
     assert lines == ["refused: the context is closed (its model was closed)"] * 3 + ["refused: the model is closed"] + \
         ["refused: the batch is closed"] * 4 + ["done"]
+
+
+def test_sha256_cache_is_one_small_entry_per_file(tmp_path, monkeypatch):
+    """A dataset hashes each shard once: one cache entry per path (N shards, N small writes, never a
+    rewrite of the others' entries), reused while size and mtime hold, replaced when the file changes."""
+    import hashlib
+    import os
+
+    from capsfuse_lite import models
+
+    files = []
+    for i in range(3):
+        f = tmp_path / f"shard{i}.jsonl"
+        f.write_bytes(b'{"laion_2b": "a", "laion_coco": "b"}\n' * (i + 1))
+        files.append(f)
+    digests = [models.file_sha256(f) for f in files]
+    assert digests == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    entries = sorted((tmp_path / "cache" / "sha256").iterdir())
+    assert len(entries) == 3 and not any(e.name.endswith(".tmp") for e in entries)
+    first = models.sha256_cache_entry(files[0].resolve())
+    stamp = first.stat().st_mtime_ns, first.read_bytes()
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a cached digest must not read the file again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(models, "open", no_reading, raising=False)
+        assert [models.file_sha256(f) for f in files] == digests  # cache hits
+    assert (first.stat().st_mtime_ns, first.read_bytes()) == stamp  # hashing the others left it alone
+
+    files[1].write_bytes(files[1].read_bytes().replace(b'"a"', b'"A"'))  # same size, new content
+    os.utime(files[1], ns=(files[1].stat().st_atime_ns, files[1].stat().st_mtime_ns + 10**9))
+    assert models.file_sha256(files[1]) == hashlib.sha256(files[1].read_bytes()).hexdigest() != digests[1]
+    assert len(list((tmp_path / "cache" / "sha256").iterdir())) == 3  # replaced, not added beside
+    models.sha256_cache_entry(files[2].resolve()).write_text("not json")
+    assert models.file_sha256(files[2]) == digests[2]  # a damaged entry is hashed again
