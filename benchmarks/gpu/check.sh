@@ -11,10 +11,11 @@
 #     ms per step) and, in the same call, llama-batched-bench -pps (the C++ shared-prompt figure);
 #  2. bisect: outputs at 64 slots vs one slot on the sample rows, greedy (80 tokens: a first
 #     difference below 40 is the 40-token answer) and 3 beams, with this tree (per-sequence streams,
-#     and kv_unified=true) and with the engine from before the per-sequence-stream work (commit
-#     5793529, carried as gpu-carry/bisect/before);
-#  3. first-token: the first token's logits of a prompt evaluated alone vs among 63 others, streams
-#     vs unified, n_ubatch 512 vs 64, flash attention on/off (kernel noise or a defect);
+#     kv_unified=true, and streams without flash attention) and with the engine from before the
+#     per-sequence-stream work (commit 5793529, carried as gpu-carry/bisect/before);
+#  3. first-token: the first token's logits of a prompt evaluated alone vs among 63 others, then 8
+#     decode steps fed the same tokens, streams vs unified, n_ubatch 512 vs 64, flash attention
+#     on/off (kernel noise or a defect; on the CPU only streams + no flash + n_ubatch 512 is exact);
 #  4. bench-beams (3 beams, 32 slots), 5. smollm2 (the real trained model, when its GGUF is found:
 #     $SMOLLM2, gpu-carry/ or ../shared/), 6. import-order, 7. fuse-auto.
 #
