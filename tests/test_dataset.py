@@ -545,3 +545,29 @@ def test_results_of_a_shard_that_failed_meanwhile_are_dropped(tmp_path, sample_r
     assert [n for n in progress.notes if "failed" in n] == ["shard s1.jsonl failed: s1.jsonl: refused (test)"]
     for k in (0, 2):
         assert len(read_all(tmp_path / "out" / f"s{k}.jsonl")) == 10
+
+
+def test_a_force_run_also_takes_over_a_journal_without_an_output(tmp_path, sample_rows):
+    """A shard with only a journal of an older, other-settings run (cut before it published): a
+    `--force` run cut before reaching that shard leaves a placeholder there too, so the printed
+    command (no --force) fuses the shard anew instead of refusing the older journal's settings."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    for k in range(4):
+        write(data / f"s{k}.jsonl", distinct(sample_rows, 6, f"s{k}-"))
+    older = DatasetConfig(input=data, output=out, model=MODEL, slots=1, max_new_tokens=5)
+    run = DatasetRun(older, fuser_factory=FakeFactory(on_result=lambda n: n == 20 and run.request_stop()))
+    run.prepare()
+    assert not run.execute().complete
+    assert not (out / "s3.jsonl").exists() and journal_path(out / "s3.jsonl").exists()
+
+    forced = DatasetConfig(input=data, output=out, model=MODEL, slots=1, force=True, max_new_tokens=3)
+    run = DatasetRun(forced, fuser_factory=FakeFactory(on_result=lambda n: n == 2 and run.request_stop()))
+    run.prepare()
+    assert not run.execute().complete
+
+    factory = FakeFactory()
+    run, summary = run_dataset(data, out, factory, max_new_tokens=3, slots=1)
+    assert summary.complete and not summary.failed, summary.failed
+    assert len(factory.seen) == 24 - 2  # the forced run's two rows kept, s3 fused anew
+    for k in range(4):
+        assert all(len(r["capsfusion"].split()) <= 3 for r in read_all(out / f"s{k}.jsonl"))
