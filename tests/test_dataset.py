@@ -25,7 +25,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from capsfuse_lite.cli import app
-from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun, find_shards, output_name
+from capsfuse_lite.run.dataset import DatasetConfig, DatasetRun
+from capsfuse_lite.run.discovery import find_shards, output_name
 from capsfuse_lite.errors import ConfigError, InputFileError
 from capsfuse_lite.run.journal import journal_path
 from capsfuse_lite.run.progress import LogProgress, print_summary

@@ -151,7 +151,7 @@ def fuse(
 
     native_first()
     verbose_llama(verbose)
-    from capsfuse_lite.run.dataset import is_dataset
+    from capsfuse_lite.run.discovery import is_dataset
     from capsfuse_lite.models import resolve_model, terminal_confirm
     from capsfuse_lite.run.progress import make_progress
     from capsfuse_lite.run.config import FuseConfig, parse_shard, parse_slots

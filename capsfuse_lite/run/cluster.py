@@ -57,8 +57,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from capsfuse_lite.run.dataset import (DatasetConfig, DatasetRun, DatasetSummary, RowTally, Shard, ShardOutcome, ShardStream,
-                      finished_outcome, open_shard)
+from capsfuse_lite.run.dataset import (DatasetConfig, DatasetRun, DatasetSummary, RowTally, ShardOutcome, ShardStream,
+                                       finished_outcome, open_shard)
+from capsfuse_lite.run.discovery import Shard
 from capsfuse_lite.errors import CapsfuseError, ConfigError, ModelLoadError
 from capsfuse_lite.run.progress import Progress
 from capsfuse_lite.run.config import fuser_kwargs
