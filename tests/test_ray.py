@@ -93,6 +93,7 @@ def test_six_shards_over_two_workers_equal_a_single_process_run(cluster, dataset
     pids = {info["pid"] for info in ready}
     assert len(pids) == 2 and set(run.by_worker) == pids  # both workers fused shards
     assert all(info["settings"]["n_threads"] == 1 and info["settings"]["slots"] == 1 for info in ready)
+    assert run.progress.live == run.live_figures  # the display follows the workers' engines
 
     ready.clear()  # a rerun finds every shard complete: no worker is started
     run, summary = ray_run(data, tmp_path / "out", tiny_gguf_f32, on_ready=ready.extend)
@@ -251,3 +252,37 @@ def test_worker_engine_answers_every_shard_even_when_its_engine_fails(tmp_path, 
     assert outcome.status == "failed" and outcome.error.startswith("disk full")
     engine.request_stop()
     assert engine.submit(again[1]).result(timeout=60).status == "interrupted"
+
+
+def test_live_figures_before_the_first_shard_is_done(tmp_path, sample_rows):
+    """Workers answer progress polls with their engine's live figures (rows in flight, tokens so far);
+    the driver's display sums them, so a Ray run shows tok/s from the first poll, not 0 rows/s until a
+    whole shard is published. A restarted worker's old process keeps its tokens, not its rows."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "s0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sample_rows[:3]))
+    model = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"
+    run = DatasetRun(DatasetConfig(input=data, output=tmp_path / "out", model=model, slots=4))
+    run.prepare()
+
+    class LiveFactory(FakeFactory):
+        def __call__(self, model_path, **kwargs):
+            fuser = super().__call__(model_path, **kwargs)
+            fuser.live = lambda: (3, 41)
+            return fuser
+
+    engine = WorkerEngine(run.config, run.fingerprint(), run.model_meta, fuser_factory=LiveFactory(), lock_wait=0)
+    assert engine.stats()["live"] == [3, 41]
+    engine.request_stop()
+    plain = WorkerEngine(run.config, run.fingerprint(), run.model_meta, fuser_factory=FakeFactory(), lock_wait=0)
+    assert plain.stats()["live"] is None  # an engine without live figures: the display keeps rows/s
+    plain.request_stop()
+
+    driver = RayDatasetRun(DatasetConfig(input=data, output=tmp_path / "out", model=model), TWO_WORKERS)
+    driver._live, driver._pids = {}, [100, 200]
+    assert driver.live_figures() is None
+    driver._live = {(0, 100): (3, 41), (1, 200): (2, 10)}
+    assert driver.live_figures() == (5, 51)
+    driver._pids = [100, 300]  # worker 1 restarted: its old process's rows are gone, its tokens were made
+    driver._live[(1, 300)] = (1, 4)
+    assert driver.live_figures() == (4, 55)

@@ -173,7 +173,16 @@ class WorkerEngine:
         runs = list(stream.open) if stream is not None else []
         return {"pid": os.getpid(), "rows": self.progress.rows, "tokens": self.progress.tokens,
                 "open": [(r.label, r.layout.rows, r.summary.rows_resumed + r.rows_counted, r.summary.rows_resumed)
-                         for r in runs]}
+                         for r in runs],
+                "live": self._live()}
+
+    def _live(self) -> list[int] | None:
+        """The engine's ``(rows in flight, tokens generated)`` now (:meth:`Fuser.live`), or None."""
+        live = getattr(self.fuser, "live", None)
+        try:
+            return list(live()) if live is not None else None
+        except Exception:  # noqa: BLE001 - a progress answer must never fail the worker
+            return None
 
     def _loop(self) -> None:
         while True:
@@ -302,6 +311,7 @@ class RayDatasetRun(DatasetRun):
         self._done_rows = self._run_rows = 0  # rows of the shards done or skipped; of those, fused by this run
         self._open: dict[int, list] = {}  # worker index -> its open shards (last answer)
         self._tokens_seen: dict[tuple, int] = {}  # (worker index, pid) -> generated tokens
+        self._live: dict[tuple, tuple] = {}  # (worker index, pid) -> (rows in flight, tokens generated)
         self._ended: set[str] = set()  # shards with an outcome
         todo = []
         for shard in self.shards:  # complete outputs need no worker (nor a cluster, if all are)
@@ -387,6 +397,7 @@ class RayDatasetRun(DatasetRun):
         self._pids_seen = set(self._pids)
         self._actors = {info["actor"]: index for index, info in enumerate(infos)}
         self.progress.t0 = time.monotonic()  # rates from here: not the cluster's start nor the model loads
+        self.progress.watch(self.live_figures)  # rows in flight and tok/s before the first shard is done
         self.summary.workers = workers
         self.progress.note(f"{workers} Ray worker(s) ready: " + ", ".join(f"pid {i['pid']} on {i['node']}" for i in infos))
         reason = infos[0]["settings"].get("slots_reason")
@@ -486,11 +497,24 @@ class RayDatasetRun(DatasetRun):
             self._seen_process(index, pid)
             self._open[index] = answer.get("open", [])
             self._tokens_seen[(index, pid)] = answer.get("tokens", 0)
+            live = answer.get("live")
+            if isinstance(live, (list, tuple)) and len(live) == 2:
+                self._live[(index, pid)] = (int(live[0]), int(live[1]))
         asked = set(stats.values())
         for index, worker in enumerate(self.workers):
             if index not in asked:
                 stats[worker.stats.options(max_task_retries=0).remote()] = index
         self._show()
+
+    def live_figures(self) -> tuple[int, int] | None:
+        """The workers' engines together, as of their last answers: ``(rows in flight, tokens
+        generated)``, or None before any answer. A restarted worker's old process keeps its tokens but
+        has no rows in flight any more."""
+        if not self._live:
+            return None
+        current = {(index, pid) for index, pid in enumerate(self._pids)}
+        return (sum(rows for key, (rows, _) in self._live.items() if key in current),
+                sum(tokens for _, tokens in self._live.values()))
 
     def _show(self) -> None:
         """The progress display from the shard outcomes and the workers' last answers."""
