@@ -96,3 +96,39 @@ def test_fuse_runs_show_the_engine_live_figures_until_the_first_row(tiny_gguf_q8
     run_fuse(FuseConfig(input=src, output=tmp_path / "out.jsonl", model=tiny_gguf_q8, slots=4, beams=1,
                         max_new_tokens=6, n_threads=1), progress=progress)
     assert len(progress.seen) == 1 and " in flight " in progress.seen[0], progress.seen
+
+
+def test_quiet_log_lines_keep_coming_while_no_row_finishes_and_stop_with_the_run():
+    """--quiet / logs: a line every interval even while no row finishes (live figures: rows in
+    flight, tok/s), none after close(); a display dropped or whose stream closed stops its clock."""
+    import gc
+
+    stream = io.StringIO()
+    progress = LogProgress(stream, interval=0.05)
+    progress.start(10)
+    progress.watch(lambda: (3, 40))
+    time.sleep(0.4)
+    lines = [ln for ln in stream.getvalue().splitlines() if ln.startswith("fusing: 0/10")]
+    assert len(lines) >= 2 and all("3 in flight, " in ln and " tok/s, ETA" in ln for ln in lines), stream.getvalue()
+    clock = progress._clock
+    progress.close()
+    assert not clock.is_alive()
+    printed = stream.getvalue()
+    time.sleep(0.2)
+    assert stream.getvalue() == printed  # nothing after close
+
+    closing = io.StringIO()
+    progress = LogProgress(closing, interval=0.05)
+    progress.start(10)
+    clock = progress._clock
+    closing.close()  # e.g. a test runner's captured stream, gone before the run closed its display
+    clock.join(timeout=2)
+    assert not clock.is_alive()
+
+    progress = LogProgress(io.StringIO(), interval=0.05)
+    progress.start(10)
+    clock = progress._clock
+    del progress
+    gc.collect()
+    clock.join(timeout=2)
+    assert not clock.is_alive()

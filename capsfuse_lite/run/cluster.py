@@ -306,23 +306,23 @@ class RayDatasetRun(DatasetRun):
         summary = self.summary = DatasetSummary(output=cfg.output, shards_total=len(self.shards))
         self.progress.shards_total = len(self.shards)
         self.progress.start(0, 0)
-        self._tally = RowTally(self.shards)
-        self._sizes = {s.rel: s.size for s in self.shards}
-        self._done_rows = self._run_rows = 0  # rows of the shards done or skipped; of those, fused by this run
-        self._open: dict[int, list] = {}  # worker index -> its open shards (last answer)
-        self._tokens_seen: dict[tuple, int] = {}  # (worker index, pid) -> generated tokens
-        self._live: dict[tuple, tuple] = {}  # (worker index, pid) -> (rows in flight, tokens generated)
-        self._ended: set[str] = set()  # shards with an outcome
-        todo = []
-        for shard in self.shards:  # complete outputs need no worker (nor a cluster, if all are)
-            outcome = finished_outcome(cfg, shard, base)
-            if outcome is None:
-                todo.append(shard)
-            else:
-                self._record(shard, outcome)
-        self._show()
         started = False
-        try:
+        try:  # (the progress display is closed whatever happens from here)
+            self._tally = RowTally(self.shards)
+            self._sizes = {s.rel: s.size for s in self.shards}
+            self._done_rows = self._run_rows = 0  # rows of the shards done or skipped; of those, fused by this run
+            self._open: dict[int, list] = {}  # worker index -> its open shards (last answer)
+            self._tokens_seen: dict[tuple, int] = {}  # (worker index, pid) -> generated tokens
+            self._live: dict[tuple, tuple] = {}  # (worker index, pid) -> (rows in flight, tokens generated)
+            self._ended: set[str] = set()  # shards with an outcome
+            todo = []
+            for shard in self.shards:  # complete outputs need no worker (nor a cluster, if all are)
+                outcome = finished_outcome(cfg, shard, base)
+                if outcome is None:
+                    todo.append(shard)
+                else:
+                    self._record(shard, outcome)
+            self._show()
             if todo and not self._stop:
                 started = self._connect(ray)
                 self._start_workers(ray, len(todo))

@@ -15,7 +15,9 @@ as rich markup).
 from __future__ import annotations
 
 import sys
+import threading
 import time
+import weakref
 from typing import IO, Any
 
 
@@ -84,6 +86,10 @@ class Progress:
         flight) and generated tokens/s. Once the engine runs, tokens/s counts every generated token
         since it started, rows in flight included (finished rows' tokens alone made it drop from 7
         to 1 tok/s when the first 3-beam row of a 6-row run finished)."""
+        return " ".join(self.rates())  # as short before the first row as after: not cut on 80 columns
+
+    def rates(self) -> tuple[str, str]:
+        """``(rows part, tokens part)`` of :meth:`rates_text`, e.g. ``("16 in flight", "32 tok/s")``."""
         live = None
         if self.live is not None:
             try:
@@ -91,11 +97,11 @@ class Progress:
             except Exception:  # noqa: BLE001 - a display must never stop the run
                 live = None
         if live is None:
-            return f"{self.rows_per_s:.2f} rows/s {self.tokens_per_s:.0f} tok/s"
+            return f"{self.rows_per_s:.2f} rows/s", f"{self.tokens_per_s:.0f} tok/s"
         in_flight, tokens = live
         rate = tokens / max(time.monotonic() - self._live_t0, 1e-9)
         rows = f"{in_flight} in flight" if self.rows == 0 else f"{self.rows_per_s:.2f} rows/s"
-        return f"{rows} {rate:.0f} tok/s"  # as short before the first row as after: not cut on 80 columns
+        return rows, f"{rate:.0f} tok/s"
 
     def note(self, text: str) -> None:
         """A one-off message (model loading, warnings)."""
@@ -129,13 +135,18 @@ class Progress:
 
 
 class LogProgress(Progress):
-    """Plain log lines every ``interval`` seconds, for logs and ``--quiet``."""
+    """Plain log lines every ``interval`` seconds, for logs and ``--quiet``: also while no row finishes
+    (a clock thread; a 3-beam 13B row takes minutes on a CPU), with the engine's live figures (rows in
+    flight, tok/s) until the first row is done."""
 
     def __init__(self, stream: IO[str] | None = None, interval: float = 30.0) -> None:
         super().__init__()
         self.stream = stream or sys.stderr
         self.interval = interval
         self._last = 0.0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._clock: threading.Thread | None = None
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -148,25 +159,58 @@ class LogProgress(Progress):
             self._print(f"{description}: {self.shards_total} shards")
         else:
             self._print(f"{description}: {total} rows{resumed}")
+        if self.interval > 0 and self._clock is None:
+            self._closed.clear()
+            self._clock = threading.Thread(target=LogProgress._tick, args=(weakref.ref(self), self._closed),
+                                           name="capsfuse-progress", daemon=True)
+            self._clock.start()
+
+    @staticmethod
+    def _tick(ref: "weakref.ref[LogProgress]", closed: threading.Event) -> None:
+        """The clock: a line every interval until closed, the display is dropped, or its stream is gone
+        (a run that ended without closing it must not print forever)."""
+        while True:
+            progress = ref()
+            if progress is None:
+                return
+            wait = progress.interval / 4
+            del progress
+            if closed.wait(wait):
+                return
+            progress = ref()
+            if progress is None:
+                return
+            try:
+                progress._refresh()
+            except (OSError, ValueError):  # the stream was closed under it
+                return
+            finally:
+                del progress
 
     def _refresh(self):
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            self._print(self.line())
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last >= self.interval and not self._closed.is_set():
+                self._last = now
+                self._print(self.line())
 
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         shards = self.shards_text()
+        rows, tokens = self.rates()
         return (f"{self.description}: {self.done}/{'~' if self.estimated else ''}{self.total} rows ({pct:.1f}%), "
                 + (f"{shards}, " if shards else "")
-                + f"{self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} tok/s, ETA {format_duration(self.eta_s)}, "
+                + f"{rows}, {tokens}, ETA {format_duration(self.eta_s)}, "
                 + f"elapsed {format_duration(self.elapsed)}")
 
     def note(self, text):
         self._print(text)
 
     def close(self):
+        self._closed.set()
+        clock, self._clock = self._clock, None
+        if clock is not None and clock is not threading.current_thread():
+            clock.join(timeout=1.0)
         if self.rows:
             self._print(self.line())
 

@@ -193,7 +193,7 @@ class FuseRun:
                     self._collect_engine_info(summary, self.fuser)
                     self.fuser.close()
                     self.fuser = None
-            self.progress.close()
+                self.progress.close()
             if self.settled:
                 self.finish()
             else:
