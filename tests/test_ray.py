@@ -286,3 +286,35 @@ def test_live_figures_before_the_first_shard_is_done(tmp_path, sample_rows):
     driver._pids = [100, 300]  # worker 1 restarted: its old process's rows are gone, its tokens were made
     driver._live[(1, 300)] = (1, 4)
     assert driver.live_figures() == (4, 55)
+
+
+def test_an_interrupted_ray_run_shows_the_rows_its_summary_counts(tmp_path, sample_rows):
+    """Ctrl-C on a Ray run: the shards it began and did not finish keep their journaled rows in the
+    bar's count, as in the summary (and as a single-machine dataset run does): one set of counts."""
+    from capsfuse_lite.run.dataset import DatasetSummary, RowTally, ShardOutcome
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(3):
+        (data / f"s{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sample_rows[4 * k: 4 * k + 4]))
+    model = Path(__file__).parent / "fixtures" / "ggml-vocab-llama-spm.gguf"
+    progress = NoteRecorder()
+    run = RayDatasetRun(DatasetConfig(input=data, output=tmp_path / "out", model=model), TWO_WORKERS, progress=progress)
+    shards = run.prepare()
+    run.summary = DatasetSummary(output=run.config.output, shards_total=3)
+    run._tally, run._sizes = RowTally(shards), {s.rel: s.size for s in shards}
+    run._done_rows = run._run_rows = 0
+    run._open, run._tokens_seen, run._live, run._ended, run._pids = {}, {}, {}, set(), []
+
+    def counts(resumed, fused):
+        return {"rows_total": 4, "rows_resumed": resumed, "rows_fused": fused, "rows_reused": 0, "rows_skipped": 0,
+                "truncated_prompts": 0, "length_cut": 0, "prompt_tokens": 0, "generated_tokens": 3 * fused,
+                "skipped_reasons": {}}
+
+    run._record(shards[0], ShardOutcome("s0.jsonl", "skipped", rows=4))
+    run._record(shards[1], ShardOutcome("s1.jsonl", "done", rows=4, counts=counts(1, 3)))
+    run._record(shards[2], ShardOutcome("s2.jsonl", "interrupted", rows=4, counts=counts(0, 2)))
+    run._show()
+    summary = run.summary
+    assert summary.rows_done == 4 + 4 + 2 and summary.rows_this_run == 3 + 2
+    assert (progress.done, progress.rows) == (summary.rows_done, summary.rows_this_run)

@@ -483,6 +483,11 @@ class RayDatasetRun(DatasetRun):
             self._done_rows += outcome.rows
             if outcome.status == "done":
                 self._run_rows += sum(outcome.counts[k] for k in ("rows_fused", "rows_reused", "rows_skipped"))
+        elif outcome.status == "interrupted" and outcome.counts:  # begun, cut: its journal keeps these rows
+            self._tally.learn(shard, outcome.rows)
+            this_run = sum(outcome.counts[k] for k in ("rows_fused", "rows_reused", "rows_skipped"))
+            self._done_rows += outcome.counts["rows_resumed"] + this_run
+            self._run_rows += this_run
 
     def _poll(self, ray, stats: dict) -> None:
         """Collect the workers' answers to the last progress request, and ask again."""
