@@ -174,9 +174,9 @@ class WorkerEngine:
         return {"pid": os.getpid(), "rows": self.progress.rows, "tokens": self.progress.tokens,
                 "open": [(r.label, r.layout.rows, r.summary.rows_resumed + r.rows_counted, r.summary.rows_resumed)
                          for r in runs],
-                "live": self._live()}
+                "live": self._engine_live()}
 
-    def _live(self) -> list[int] | None:
+    def _engine_live(self) -> list[int] | None:
         """The engine's ``(rows in flight, tokens generated)`` now (:meth:`Fuser.live`), or None."""
         live = getattr(self.fuser, "live", None)
         try:
@@ -310,7 +310,7 @@ class RayDatasetRun(DatasetRun):
         try:  # (the progress display is closed whatever happens from here)
             self._tally = RowTally(self.shards)
             self._sizes = {s.rel: s.size for s in self.shards}
-            self._done_rows = self._run_rows = 0  # rows of the shards done or skipped; of those, fused by this run
+            self._done_rows = self._run_rows = 0  # rows done in the shards with an outcome; of those, by this run
             self._open: dict[int, list] = {}  # worker index -> its open shards (last answer)
             self._tokens_seen: dict[tuple, int] = {}  # (worker index, pid) -> generated tokens
             self._live: dict[tuple, tuple] = {}  # (worker index, pid) -> (rows in flight, tokens generated)
@@ -478,12 +478,10 @@ class RayDatasetRun(DatasetRun):
         if outcome.status == "failed":
             self.note_failure(shard.rel, outcome)
             self._tally.forget(shard)
-        elif outcome.status in ("done", "skipped"):
+        elif outcome.status == "skipped":  # complete before this run
             self._tally.learn(shard, outcome.rows)
             self._done_rows += outcome.rows
-            if outcome.status == "done":
-                self._run_rows += sum(outcome.counts[k] for k in ("rows_fused", "rows_reused", "rows_skipped"))
-        elif outcome.status == "interrupted" and outcome.counts:  # begun, cut: its journal keeps these rows
+        elif outcome.counts:  # done, or begun and cut (its journal keeps the rows): counted as the summary does
             self._tally.learn(shard, outcome.rows)
             this_run = sum(outcome.counts[k] for k in ("rows_fused", "rows_reused", "rows_skipped"))
             self._done_rows += outcome.counts["rows_resumed"] + this_run
